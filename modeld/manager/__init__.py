@@ -1,0 +1,1 @@
+"""Instance lifecycle: what is loaded, what waits, what gets evicted."""

@@ -1,0 +1,168 @@
+"""The models dir as a registry: which GGUF files are servable, under which ids.
+
+Ids are file names; a request's model id is only ever looked up here, never joined into
+a filesystem path. Files are inspected (validated, metadata read) once per (mtime, size),
+so rescanning on every miss and every `GET /models` stays cheap.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from modeld.errors import ModelNotFound
+from modeld.gguf.info import ModelInfo, read_model_info
+from modeld.gguf.validate import InvalidModelFile, validate_gguf
+
+log = logging.getLogger(__name__)
+
+GGUF_SUFFIX = ".gguf"
+# Split models: name-00001-of-00003.gguf; only the first shard is offered.
+SPLIT_RE = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+Estimator = Callable[[ModelInfo | None, int], int]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One servable (or broken) model file."""
+
+    id: str
+    path: Path
+    size_bytes: int
+    est_vram_mb: int
+    info: ModelInfo | None = None
+    invalid: str | None = None  # why the file cannot be served, when it cannot
+
+    def public(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "name": self.id,
+            "path": str(self.path),
+            "size_bytes": self.size_bytes,
+            "est_vram_mb": self.est_vram_mb,
+        }
+
+
+def size_only_estimate(info: ModelInfo | None, size_bytes: int) -> int:
+    """Fallback estimate: the file size in MB, rounded up."""
+    return -(-size_bytes // (1024 * 1024))
+
+
+class Registry:
+    """The set of models in `models_dir`, refreshed by `scan()`."""
+
+    def __init__(
+        self,
+        models_dir: Path,
+        *,
+        estimator: Estimator = size_only_estimate,
+        follow_symlinks: bool = False,
+    ) -> None:
+        self.models_dir = models_dir.expanduser().absolute()
+        self._estimator = estimator
+        self._follow_symlinks = follow_symlinks
+        self._cache: dict[Path, tuple[tuple[int, int], ModelSpec | None]] = {}
+        self._specs: dict[str, ModelSpec] = {}
+
+    def scan(self) -> dict[str, ModelSpec]:
+        """Re-read the directory; returns the models by id."""
+        specs: dict[str, ModelSpec] = {}
+        try:
+            names = sorted(os.listdir(self.models_dir))
+        except OSError as exc:
+            log.warning("cannot list models dir: %s", exc.strerror)
+            names = []
+        for name in names:
+            if not name.endswith(GGUF_SUFFIX):
+                continue
+            split = SPLIT_RE.match(name)
+            if split and int(split["no"]) != 1:
+                continue
+            spec = self._inspect(name, split)
+            if spec is not None:
+                specs[spec.id] = spec
+        self._specs = specs
+        return specs
+
+    def models(self) -> list[ModelSpec]:
+        return list(self._specs.values())
+
+    def get(self, model_id: str) -> ModelSpec | None:
+        return self._specs.get(model_id)
+
+    def resolve(self, name: str) -> ModelSpec:
+        """Find a model by id (with or without `.gguf`), rescanning once on a miss."""
+        spec = self._lookup(name)
+        if spec is None:
+            self.scan()
+            spec = self._lookup(name)
+        if spec is None:
+            raise ModelNotFound(f"no model {name!r} in the models dir", param="model")
+        return spec
+
+    def _lookup(self, name: str) -> ModelSpec | None:
+        if not name or "/" in name or "\0" in name or name in (".", ".."):
+            return None
+        spec = self._specs.get(name)
+        if spec is None and not name.endswith(GGUF_SUFFIX):
+            spec = self._specs.get(name + GGUF_SUFFIX)
+        return spec
+
+    def _inspect(self, name: str, split: re.Match[str] | None) -> ModelSpec | None:
+        path = self.models_dir / name
+        try:
+            lst = os.lstat(path)
+            st = os.stat(path)
+        except OSError:
+            return None
+        if stat.S_ISLNK(lst.st_mode) and not self._follow_symlinks:
+            target = path.resolve()
+            if not target.is_relative_to(self.models_dir.resolve()):
+                log.warning("skipping %s: symlink leads outside the models dir", name)
+                return None
+        key = (st.st_mtime_ns, st.st_size)
+        cached = self._cache.get(path)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        spec = self._read_spec(name, path, st, split)
+        self._cache[path] = (key, spec)
+        return spec
+
+    def _read_spec(
+        self, name: str, path: Path, st: os.stat_result, split: re.Match[str] | None
+    ) -> ModelSpec | None:
+        size = st.st_size
+        if not stat.S_ISREG(st.st_mode):
+            return ModelSpec(name, path, 0, 0, invalid="not a regular file")
+        if split is not None:
+            size = self._split_size(path, split)
+            if size is None:
+                return ModelSpec(name, path, st.st_size, 0, invalid="split model with missing parts")
+        try:
+            validate_gguf(path)
+            info = read_model_info(path)
+        except InvalidModelFile as exc:
+            return ModelSpec(name, path, size, self._estimator(None, size), invalid=str(exc))
+        except OSError as exc:
+            return ModelSpec(name, path, size, 0, invalid=f"cannot read: {exc.strerror}")
+        if not info.is_language_model:
+            log.info("not offering %s: %s", name, info.kind_reason or "not a language model")
+            return None
+        return ModelSpec(name, path, size, self._estimator(info, size), info=info)
+
+    def _split_size(self, first: Path, split: re.Match[str]) -> int | None:
+        total = 0
+        count = int(split["count"])
+        for no in range(1, count + 1):
+            part = first.with_name(f"{split['stem']}-{no:05d}-of-{count:05d}.gguf")
+            try:
+                total += part.stat().st_size
+            except OSError:
+                return None
+        return total
