@@ -1,0 +1,5 @@
+"""`python -m modeld`: the daemon."""
+
+from modeld.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""The HTTP API: routes, request validation and the endpoints' handlers."""

@@ -1,0 +1,143 @@
+"""Routing and the one place where errors become HTTP responses.
+
+`App.__call__` is the handler the HTTP server calls for every request: it checks the
+Host header on loopback TCP, finds the route, runs it, and turns a `ModeldError` raised
+before the response started into `{"error": {"code", "message"}}` with its status.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+
+from modeld.api.infer import handle_infer
+from modeld.errors import Forbidden, MethodNotAllowed, ModeldError, NotFound
+from modeld.http.protocol import Request
+from modeld.http.server import ClientGone, ConnInfo, Responder
+from modeld.manager.manager import Manager
+from modeld.manager.states import State
+from modeld.registry import Registry
+
+log = logging.getLogger("modeld.http")
+
+Route = Callable[[Request, Responder], Awaitable[None]]
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
+
+
+@dataclass
+class AppState:
+    registry: Registry
+    manager: Manager
+    default_model: str | None = None
+
+
+def json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, ensure_ascii=False).encode()
+
+
+def is_loopback_host(host: str) -> bool:
+    """True when a Host header names this machine (a loopback name or address)."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    if host in LOOPBACK_NAMES or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class App:
+    """modeld's HTTP API."""
+
+    def __init__(self, state: AppState) -> None:
+        self.state = state
+        self.routes: dict[str, dict[str, Route]] = {
+            "/healthz": {"GET": self.healthz},
+            "/readyz": {"GET": self.readyz},
+            "/models": {"GET": self.models},
+            "/status": {"GET": self.status},
+            "/infer": {"POST": self.infer},
+        }
+
+    def add_routes(self, routes: dict[str, dict[str, Route]]) -> None:
+        for path, methods in routes.items():
+            self.routes.setdefault(path, {}).update(methods)
+
+    async def __call__(self, request: Request, res: Responder, info: ConnInfo) -> None:
+        try:
+            if info.loopback_only and not is_loopback_host(request.header("host") or ""):
+                raise Forbidden("the Host header must name a loopback address on this listener")
+            await self._route(request)(request, res)
+        except ModeldError as exc:
+            if not res.started:
+                await res.respond_error(exc)
+            else:
+                log.warning("error after the response started: %s", exc.message)
+        except (ClientGone, anyio.get_cancelled_exc_class()):
+            raise
+        except Exception:
+            log.exception("unhandled error serving %s %s", request.method, request.path)
+            if not res.started:
+                await res.respond_error(ModeldError("internal error; see the daemon's log"))
+
+    def _route(self, request: Request) -> Route:
+        methods = self.routes.get(request.path)
+        if methods is None:
+            raise NotFound(f"no such endpoint: {request.path}")
+        route = methods.get(request.method)
+        if route is None:
+            raise MethodNotAllowed(
+                f"{request.method} is not allowed on {request.path}", allow=sorted(methods)
+            )
+        return route
+
+    async def _json(self, res: Responder, status: int, obj: Any) -> None:
+        await res.respond(status, [("Content-Type", "application/json")], json_bytes(obj))
+
+    async def healthz(self, request: Request, res: Responder) -> None:
+        await self._json(res, 200, {"status": "ok"})
+
+    async def readyz(self, request: Request, res: Responder) -> None:
+        manager, default = self.state.manager, self.state.default_model
+        if default is not None:
+            spec = self.state.registry.get(default)
+            ready = spec is not None and manager.is_ready(spec.id)
+        else:
+            ready = manager.is_ready()
+        await self._json(res, 200 if ready else 503, {"ready": ready})
+
+    async def models(self, request: Request, res: Responder) -> None:
+        registry, manager = self.state.registry, self.state.manager
+        registry.scan()
+        out = []
+        for spec in registry.models():
+            inst = manager.instances.get(spec.id)
+            entry = spec.public()
+            if inst is not None and inst.spec == spec:
+                entry["state"] = str(inst.state)
+                entry["vram_mb"] = inst.vram_mb
+                entry["error"] = inst.error if inst.state is State.ERROR else None
+            else:
+                entry["state"] = str(State.ERROR if spec.invalid else State.UNLOADED)
+                entry["vram_mb"] = None
+                entry["error"] = spec.invalid
+            out.append(entry)
+        await self._json(res, 200, {"models": out})
+
+    async def status(self, request: Request, res: Responder) -> None:
+        await self._json(res, 200, self.state.manager.status())
+
+    async def infer(self, request: Request, res: Responder) -> None:
+        await handle_infer(
+            request, res, self.state.registry, self.state.manager, self.state.default_model
+        )

@@ -1,0 +1,332 @@
+"""The daemon: listeners, manager and backend wired together, plus signals and systemd.
+
+Theory of operation: `run()` scans the registry, opens (or inherits from systemd) the
+listeners, starts the backend and the manager, accepts connections into a task group of
+their own, and tells systemd it is ready once preloads are done. On SIGTERM/SIGINT it
+stops accepting, lets running requests finish for `--shutdown-grace-s`, then ends what is
+left with a `shutting_down` event, stops every worker and returns 0. A second signal
+exits at once. SIGHUP rescans the models dir.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import anyio.abc
+
+from modeld.api.app import App, AppState
+from modeld.config import Config
+from modeld.gguf.estimate import estimate_vram_mb
+from modeld.gguf.info import ModelInfo
+from modeld.http.server import ConnectionSlots, ConnInfo, serve_connection
+from modeld.manager.manager import Manager, ManagerConfig
+from modeld.registry import Registry, ModelSpec
+from modeld.service import systemd
+from modeld.vram import detect_budget
+from modeld.worker.client import ProcessBackend, WorkerSettings
+
+log = logging.getLogger("modeld")
+
+DRAIN_POLL_S = 0.05  # how often shutdown checks whether running requests have finished
+FLUSH_AFTER_SHUTDOWN_S = 1.0  # time connections get to write their final events
+STATUS_EVERY_S = 5.0  # how often systemd's STATUS= line is refreshed
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says why and what to do."""
+
+
+@dataclass
+class OpenListener:
+    listener: anyio.abc.SocketListener
+    info: ConnInfo
+    label: str
+    unlink: Path | None = None  # our own Unix socket file, removed at exit
+    inode: int = 0  # of that file, so a successor's socket is never removed
+
+
+def _remove_socket_file(item: OpenListener) -> None:
+    if item.unlink is None:
+        return
+    try:
+        if item.unlink.stat().st_ino == item.inode:
+            item.unlink.unlink()
+    except OSError:
+        pass
+    item.unlink = None
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+async def _open_listeners(cfg: Config) -> list[OpenListener]:
+    inherited = systemd.listen_fds()
+    out: list[OpenListener] = []
+    if inherited:
+        for item in inherited:
+            sock = item.sock
+            sock.setblocking(False)
+            listener = await anyio.abc.SocketListener.from_socket(sock)
+            if item.family == socket.AF_UNIX:
+                out.append(OpenListener(listener, ConnInfo("unix", False), f"unix:{sock.getsockname()} (systemd)"))
+            else:
+                host = str(sock.getsockname()[0])
+                out.append(OpenListener(listener, ConnInfo("tcp", _is_loopback(host)),
+                                        f"tcp:{host}:{sock.getsockname()[1]} (systemd)"))
+        return out
+    if cfg.socket_path is not None:
+        out.append(await _open_unix(cfg.socket_path, cfg.socket_mode))
+    if cfg.listen is not None:
+        host, port = cfg.listen
+        try:
+            listener = await anyio.create_tcp_listener(local_host=host, local_port=port, reuse_port=False)
+        except OSError as exc:
+            for item in out:
+                await item.listener.aclose()
+            raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        out.append(OpenListener(listener, ConnInfo("tcp", _is_loopback(host)), f"tcp:{host}:{port}"))
+    if not out:
+        raise StartupError("no listener: give --socket and/or --listen")
+    return out
+
+
+async def _open_unix(path: Path, mode: int) -> OpenListener:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if path.exists() or path.is_symlink():
+        if _daemon_alive(path):
+            raise StartupError(
+                f"another modeld is already serving on {path}; stop it first "
+                "(or give this one another --socket)"
+            )
+        if not path.is_socket():
+            raise StartupError(f"{path} exists and is not a socket; remove it or choose another --socket")
+        path.unlink()  # a stale socket left by a daemon that died
+    try:
+        listener = await anyio.create_unix_listener(path, mode=mode)
+    except OSError as exc:
+        raise StartupError(f"cannot listen on {path}: {exc.strerror}") from None
+    return OpenListener(listener, ConnInfo("unix", False), f"unix:{path}", unlink=path,
+                        inode=path.stat().st_ino)
+
+
+def _daemon_alive(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+        return True
+    except OSError as exc:
+        return exc.errno not in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTSOCK)
+    finally:
+        probe.close()
+
+
+def _estimator(cfg: Config, gpu: bool):  # type: ignore[no-untyped-def]
+    def estimate(info: ModelInfo | None, size_bytes: int) -> int:
+        if info is None:
+            return -(-size_bytes // (1024 * 1024))
+        return estimate_vram_mb(
+            info,
+            n_ctx=cfg.n_ctx,
+            n_gpu_layers=cfg.n_gpu_layers,
+            flash_attn=cfg.flash_attn != "off",
+            gpu=gpu,
+        )
+
+    return estimate
+
+
+class Daemon:
+    """One running modeld."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        budget = detect_budget(cfg.vram_budget_mb)
+        self.budget = budget
+        self.registry = Registry(
+            cfg.models_dir, estimator=_estimator(cfg, budget.gpu), follow_symlinks=cfg.follow_symlinks
+        )
+        self.slots = ConnectionSlots(cfg.limits.max_connections)
+        self.stopping = anyio.Event()
+
+    async def run(self) -> int:
+        cfg = self.cfg
+        specs = self.registry.scan()
+        log.info(
+            "models dir %s: %d models; budget %d MB (%s), margin %d MB",
+            self.registry.models_dir, len(specs), self.budget.budget_mb, self.budget.source,
+            cfg.vram_margin_mb,
+        )
+        listeners = await _open_listeners(cfg)
+        settings = WorkerSettings(
+            n_ctx=cfg.n_ctx, n_gpu_layers=cfg.n_gpu_layers, threads=cfg.threads,
+            flash_attn=cfg.flash_attn, n_batch=cfg.n_batch, load_timeout_s=cfg.load_timeout_s,
+            gpu=self.budget.gpu,
+        )
+        mcfg = ManagerConfig(
+            budget_mb=self.budget.budget_mb, margin_mb=cfg.vram_margin_mb,
+            budget_source=self.budget.source, max_queue_depth=cfg.max_queue_depth,
+            max_wait_ms=cfg.max_wait_ms, max_inflight=cfg.max_inflight,
+            idle_unload_s=cfg.idle_unload_s, pinned=frozenset(self._resolve_ids(cfg.pin)),
+        )
+        try:
+            async with ProcessBackend(settings, spare=cfg.spare_worker) as backend:
+                manager = Manager(backend, mcfg)
+                self.manager = manager
+                app = App(AppState(self.registry, manager, self._default_id()))
+                self._install_extra_routes(app)
+                async with anyio.create_task_group() as tg:
+                    await tg.start(manager.run)
+                    conn_tg_scope = await tg.start(self._serve, listeners, app)
+                    tg.start_soon(self._signals)
+                    tg.start_soon(self._systemd_status)
+                    await self._preload_and_notify(manager)
+                    await self.stopping.wait()
+                    await self._shutdown(manager, listeners, conn_tg_scope)
+                    tg.cancel_scope.cancel()
+        finally:
+            for item in listeners:
+                _remove_socket_file(item)
+        log.info("modeld stopped")
+        return 0
+
+    def _install_extra_routes(self, app: App) -> None:
+        try:
+            from modeld.api.openai import install
+        except ImportError:
+            return
+        install(app)
+
+    def _default_id(self) -> str | None:
+        if self.cfg.default_model is None:
+            return None
+        spec = self.registry._lookup(self.cfg.default_model)  # noqa: SLF001
+        return spec.id if spec else self.cfg.default_model
+
+    def _resolve_ids(self, names: Iterable[str]) -> list[str]:
+        out = []
+        for name in names:
+            spec = self.registry._lookup(name)  # noqa: SLF001
+            out.append(spec.id if spec else name)
+        return out
+
+    async def _preload_and_notify(self, manager: Manager) -> None:
+        names = list(self.cfg.preload)
+        if self.cfg.default_model and self.cfg.default_model not in names:
+            names.insert(0, self.cfg.default_model)
+        specs: list[ModelSpec] = []
+        for name in names:
+            spec = self.registry._lookup(name)  # noqa: SLF001
+            if spec is None:
+                log.warning("cannot preload %s: no such model in the models dir", name)
+            else:
+                specs.append(spec)
+        if specs:
+            systemd.notify_status(f"preloading {len(specs)} model(s)")
+            async with anyio.create_task_group() as tg:
+                for spec in specs:
+                    tg.start_soon(manager.preload_one, spec)
+        systemd.notify_ready(self._summary())
+        log.info("modeld ready", extra={"fields": {"event": "ready"}})
+
+    def _summary(self) -> str:
+        m = self.manager
+        ready = sum(1 for i in m.instances.values() if i.state == "ready")
+        queued = sum(len(i.queue) for i in m.instances.values())
+        return (f"{len(self.registry.models())} models, {ready} loaded, {m.used_mb} MB used, "
+                f"{m.inflight} running, {queued} queued")
+
+    async def _systemd_status(self) -> None:
+        interval = systemd.watchdog_interval_s()
+        last = ""
+        next_status = 0.0
+        while True:
+            now = anyio.current_time()
+            if now >= next_status:
+                summary = self._summary()
+                if summary != last:
+                    systemd.notify_status(summary)
+                    last = summary
+                next_status = now + STATUS_EVERY_S
+            if interval:
+                systemd.notify_watchdog()
+            await anyio.sleep(min(interval or STATUS_EVERY_S, STATUS_EVERY_S))
+
+    async def _serve(
+        self,
+        listeners: list[OpenListener],
+        app: App,
+        *,
+        task_status: anyio.abc.TaskStatus[anyio.CancelScope] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept on every listener; connections live in their own task group."""
+        async with anyio.create_task_group() as conns:
+            self.accept_scope = anyio.CancelScope()
+            task_status.started(conns.cancel_scope)
+            with self.accept_scope:
+                async with anyio.create_task_group() as accepters:
+                    for item in listeners:
+                        log.info("listening on %s", item.label)
+                        accepters.start_soon(self._accept_loop, item, app, conns)
+            for item in listeners:
+                await item.listener.aclose()
+                _remove_socket_file(item)
+
+    async def _accept_loop(self, item: OpenListener, app: App, conns: anyio.abc.TaskGroup) -> None:
+        while True:
+            try:
+                stream = await item.listener.accept()
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                return
+            except OSError as exc:  # EMFILE and friends: keep serving the others
+                log.warning("accept failed on %s: %s", item.label, exc)
+                await anyio.sleep(0.1)
+                continue
+            if item.info.kind == "tcp":
+                try:
+                    raw = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+                    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                except (OSError, anyio.TypedAttributeLookupError):
+                    pass
+            conns.start_soon(serve_connection, stream, app, self.cfg.limits, item.info, self.slots)
+
+    async def _signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    specs = self.registry.scan()
+                    log.info("SIGHUP: rescanned the models dir: %d models", len(specs))
+                    continue
+                if self.stopping.is_set():
+                    log.warning("second signal: exiting at once")
+                    os._exit(1)
+                log.info("%s: shutting down", signal.Signals(signum).name)
+                self.stopping.set()
+
+    async def _shutdown(
+        self, manager: Manager, listeners: list[OpenListener], conns: anyio.CancelScope
+    ) -> None:
+        systemd.notify_stopping()
+        self.accept_scope.cancel()
+        with anyio.move_on_after(self.cfg.shutdown_grace_s):
+            while manager.inflight or any(i.queue for i in manager.instances.values()):
+                await anyio.sleep(DRAIN_POLL_S)
+        await manager.shutdown()
+        with anyio.move_on_after(FLUSH_AFTER_SHUTDOWN_S):
+            while self.slots.open and manager.inflight:
+                await anyio.sleep(DRAIN_POLL_S)
+        conns.cancel()

@@ -1,0 +1,225 @@
+"""Sans-IO HTTP/1.1 for the server side: bytes in, requests out; responses out as bytes.
+
+Nothing here touches a socket or a clock, so every limit and error mapping is tested by
+feeding bytes and reading bytes. `modeld.http.server` is the thin shell doing the I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import h11
+
+from modeld.errors import HeadersTooLarge, InvalidRequest, ModeldError, PayloadTooLarge
+
+SERVER_HEADER = ("Server", "modeld")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Limits of the HTTP layer; every one is a CLI option."""
+
+    max_head_bytes: int = 16 * 1024  # request line + headers; larger is abuse, not an API call
+    max_body_bytes: int = 1024 * 1024  # prompts are text: 1 MiB is ~250k tokens
+    head_timeout_s: float = 10.0  # a client trickling its headers is dropped (slowloris)
+    body_timeout_s: float = 60.0  # a whole body must arrive within this
+    keepalive_timeout_s: float = 5.0  # idle keep-alive connections are closed after this
+    send_timeout_s: float = 30.0  # a client that reads nothing this long is dropped
+    max_connections: int = 1024  # open connections past this get 503 and are closed
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    target: str
+    path: str
+    query: str
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+    received_at: float = field(default_factory=time.monotonic)  # for timings
+
+    def header(self, name: str) -> str | None:
+        name = name.lower()
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    def json(self) -> Any:
+        """The body as JSON; a clear 400 when it is not."""
+        if not self.body:
+            raise InvalidRequest("the request body must be a JSON object")
+        try:
+            return json.loads(self.body, parse_constant=_reject_constant)
+        except UnicodeDecodeError:
+            raise InvalidRequest("the request body is not valid UTF-8") from None
+        except json.JSONDecodeError as exc:
+            raise InvalidRequest(f"the request body is not valid JSON: {exc.msg} at {exc.pos}") from None
+        except RecursionError:
+            raise InvalidRequest("the request body is nested too deeply") from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise InvalidRequest(f"the request body is not valid JSON: {name} is not a number")
+
+
+class NeedData:
+    """More bytes are needed before a request is complete."""
+
+
+class Closed:
+    """The client closed the connection cleanly between requests."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    """The bytes received are not an acceptable request; answer `error` and close."""
+
+    error: ModeldError
+
+
+NEED_DATA = NeedData()
+CLOSED = Closed()
+
+Outcome = Request | NeedData | Closed | Failure
+
+
+class ProtocolError(ModeldError):
+    """A malformed request as h11 reports it; the status is h11's hint."""
+
+    code = "bad_request"
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+    @property  # type: ignore[override]
+    def http_status(self) -> int:  # noqa: D102
+        return self.status
+
+
+class ServerConnection:
+    """One HTTP/1.1 connection, server side, no I/O."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_head_bytes)
+        self._head: h11.Request | None = None
+        self._body: list[bytes] = []
+        self._body_size = 0
+
+    @property
+    def in_head(self) -> bool:
+        """True until a request's head has been parsed."""
+        return self._head is None
+
+    def receive(self, data: bytes) -> None:
+        """Feed bytes from the client; b'' means the client closed its side."""
+        self._h11.receive_data(data)
+
+    def next(self) -> Outcome:
+        """Advance as far as the bytes received allow."""
+        while True:
+            try:
+                event = self._h11.next_event()
+            except h11.RemoteProtocolError as exc:
+                return Failure(self._protocol_error(exc))
+            if event is h11.NEED_DATA:
+                return NEED_DATA
+            if isinstance(event, h11.ConnectionClosed):
+                return CLOSED
+            if isinstance(event, h11.Request):
+                problem = self._check_head(event)
+                if problem is not None:
+                    return Failure(problem)
+                self._head = event
+            elif isinstance(event, h11.Data):
+                self._body_size += len(event.data)
+                if self._body_size > self.limits.max_body_bytes:
+                    return Failure(self._too_large())
+                self._body.append(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                return self._complete()
+            elif event is h11.PAUSED:
+                return NEED_DATA
+
+    def _protocol_error(self, exc: h11.RemoteProtocolError) -> ModeldError:
+        if exc.error_status_hint == 431:
+            return HeadersTooLarge(
+                f"request head over {self.limits.max_head_bytes} bytes"
+            )
+        return ProtocolError(f"malformed request: {exc}", exc.error_status_hint)
+
+    def _check_head(self, head: h11.Request) -> ModeldError | None:
+        names = [name for name, _ in head.headers]
+        if b"content-length" in names and b"transfer-encoding" in names:
+            return ProtocolError("both Content-Length and Transfer-Encoding", 400)
+        for name, value in head.headers:
+            if name == b"content-length" and int(value) > self.limits.max_body_bytes:
+                return self._too_large()
+        return None
+
+    def _too_large(self) -> ModeldError:
+        return PayloadTooLarge(f"request body over {self.limits.max_body_bytes} bytes")
+
+    def _complete(self) -> Request:
+        head = self._head
+        assert head is not None
+        target = head.target.decode("ascii", "replace")
+        path, _, query = target.partition("?")
+        request = Request(
+            method=head.method.decode("ascii", "replace"),
+            target=target,
+            path=path,
+            query=query,
+            headers=tuple(
+                (k.decode("latin-1"), v.decode("latin-1")) for k, v in head.headers
+            ),
+            body=b"".join(self._body),
+        )
+        self._head, self._body, self._body_size = None, [], 0
+        return request
+
+    # ---- responses -------------------------------------------------------------------
+
+    def start_response(
+        self, status: int, headers: list[tuple[str, str]], *, close: bool = False
+    ) -> bytes:
+        all_headers = [SERVER_HEADER, *headers]
+        if close or self._h11.their_state is h11.ERROR or self._head is not None:
+            all_headers.append(("Connection", "close"))
+        return self._h11.send(h11.Response(status_code=status, headers=all_headers)) or b""
+
+    def data(self, data: bytes) -> bytes:
+        if not data:
+            return b""
+        return self._h11.send(h11.Data(data=data)) or b""
+
+    def end(self) -> bytes:
+        return self._h11.send(h11.EndOfMessage()) or b""
+
+    def full_response(
+        self, status: int, headers: list[tuple[str, str]], body: bytes, *, close: bool = False
+    ) -> bytes:
+        headers = [*headers, ("Content-Length", str(len(body)))]
+        head = self.start_response(status, headers, close=close)
+        return head + self.data(body) + self.end()
+
+    def error_response(self, error: ModeldError, *, close: bool = False) -> bytes:
+        body = json.dumps(error.to_json()).encode()
+        headers = [("Content-Type", "application/json"), *error.headers()]
+        return self.full_response(error.http_status, headers, body, close=close)
+
+    @property
+    def can_respond(self) -> bool:
+        return self._h11.our_state in (h11.IDLE, h11.SEND_RESPONSE)
+
+    def next_cycle(self) -> bool:
+        """Get ready for the next request on this connection; False when it must close."""
+        if self._h11.our_state is h11.DONE and self._h11.their_state is h11.DONE:
+            self._h11.start_next_cycle()
+            return True
+        return False

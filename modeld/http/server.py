@@ -1,0 +1,244 @@
+"""The anyio shell around `protocol.ServerConnection`: sockets in, handler calls out.
+
+Theory of operation: each accepted connection runs `serve_connection()`, a loop of
+read-a-request (under the head, body and keep-alive deadlines) and call-the-handler.
+While the handler runs, a watcher task keeps reading the socket: if the client goes away,
+the handler's cancel scope is cancelled, so a queued request leaves its queue and a
+running generation is stopped. The handler answers through a `Responder`, whose writes
+have a deadline, so a client that stops reading cannot hold a generation forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import anyio
+import anyio.abc
+
+from modeld.errors import ModeldError, RequestTimeout, TooManyConnections
+from modeld.http.protocol import (
+    CLOSED,
+    NEED_DATA,
+    Failure,
+    Limits,
+    Request,
+    ServerConnection,
+)
+
+log = logging.getLogger("modeld.http")
+
+RECEIVE_SIZE = 65536  # bytes per socket read
+GONE = (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
+
+
+class ClientGone(Exception):
+    """The client closed the connection or stopped reading."""
+
+
+@dataclass(frozen=True)
+class ConnInfo:
+    """Which listener a connection came in on."""
+
+    kind: str  # "unix" | "tcp"
+    loopback_only: bool  # a TCP listener bound to a loopback address
+
+
+class Responder:
+    """How a handler answers one request: `start`/`send`/`end`, or `respond` at once."""
+
+    def __init__(self, stream: anyio.abc.ByteStream, conn: ServerConnection, limits: Limits) -> None:
+        self._stream = stream
+        self._conn = conn
+        self._limits = limits
+        self.started = False
+        self.finished = False
+        self.status = 0
+        self.client_gone = False
+
+    async def _write(self, data: bytes) -> None:
+        if not data:
+            return
+        try:
+            with anyio.fail_after(self._limits.send_timeout_s):
+                await self._stream.send(data)
+        except TimeoutError:
+            self.client_gone = True
+            raise ClientGone("the client stopped reading") from None
+        except GONE:
+            self.client_gone = True
+            raise ClientGone("the client went away") from None
+
+    async def start(self, status: int, headers: list[tuple[str, str]]) -> None:
+        self.started = True
+        self.status = status
+        await self._write(self._conn.start_response(status, headers))
+
+    async def send(self, data: bytes) -> None:
+        await self._write(self._conn.data(data))
+
+    async def end(self) -> None:
+        self.finished = True
+        await self._write(self._conn.end())
+
+    async def respond(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        self.started = self.finished = True
+        self.status = status
+        await self._write(self._conn.full_response(status, headers, body))
+
+    async def respond_error(self, error: ModeldError) -> None:
+        self.started = self.finished = True
+        self.status = error.http_status
+        await self._write(self._conn.error_response(error))
+
+
+Handler = Callable[[Request, Responder, ConnInfo], Awaitable[None]]
+
+
+class ConnectionSlots:
+    """Counts open connections against `Limits.max_connections`."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
+
+
+async def serve_connection(
+    stream: anyio.abc.ByteStream,
+    handler: Handler,
+    limits: Limits,
+    info: ConnInfo,
+    slots: ConnectionSlots,
+) -> None:
+    """Serve requests on one connection until it closes."""
+    conn = ServerConnection(limits)
+    slots.open += 1
+    try:
+        if slots.open > slots.limit:
+            await _send_quietly(stream, conn.error_response(
+                TooManyConnections(f"more than {slots.limit} open connections"), close=True))
+            return
+        first = True
+        while True:
+            outcome = await _read_request(stream, conn, limits, first)
+            first = False
+            if outcome is None or outcome is CLOSED:
+                return
+            if isinstance(outcome, Failure):
+                await _send_quietly(stream, conn.error_response(outcome.error, close=True))
+                return
+            assert isinstance(outcome, Request)
+            responder = Responder(stream, conn, limits)
+            await _run_handler(stream, conn, handler, outcome, responder, info)
+            if responder.client_gone or not responder.finished or not conn.next_cycle():
+                return
+    except GONE:
+        return
+    finally:
+        slots.open -= 1
+        with anyio.CancelScope(shield=True):
+            await stream.aclose()
+
+
+async def _send_quietly(stream: anyio.abc.ByteStream, data: bytes) -> None:
+    try:
+        with anyio.move_on_after(1.0):
+            await stream.send(data)
+    except GONE:
+        pass
+
+
+async def _read_request(
+    stream: anyio.abc.ByteStream, conn: ServerConnection, limits: Limits, first: bool
+) -> Request | Failure | object | None:
+    """Read until a whole request is there; None when the connection should just close."""
+    outcome = conn.next()  # a pipelined request may already be buffered
+    if outcome is not NEED_DATA:
+        return outcome
+    # Between requests a keep-alive connection may idle; after that the head has its deadline.
+    if not first:
+        data: bytes | None = None
+        with anyio.move_on_after(limits.keepalive_timeout_s):
+            data = await _receive(stream)
+        if data is None:
+            return None
+        conn.receive(data)
+        outcome = conn.next()
+        if outcome is not NEED_DATA:
+            return outcome
+    try:
+        with anyio.fail_after(limits.head_timeout_s):
+            while outcome is NEED_DATA and conn.in_head:
+                conn.receive(await _receive(stream))
+                outcome = conn.next()
+        with anyio.fail_after(limits.body_timeout_s):
+            while outcome is NEED_DATA:
+                conn.receive(await _receive(stream))
+                outcome = conn.next()
+    except TimeoutError:
+        what = "headers" if conn.in_head else "body"
+        return Failure(RequestTimeout(f"request {what} not received in time"))
+    return outcome
+
+
+async def _receive(stream: anyio.abc.ByteStream) -> bytes:
+    try:
+        return await stream.receive(RECEIVE_SIZE)
+    except anyio.EndOfStream:
+        return b""
+
+
+async def _run_handler(
+    stream: anyio.abc.ByteStream,
+    conn: ServerConnection,
+    handler: Handler,
+    request: Request,
+    responder: Responder,
+    info: ConnInfo,
+) -> None:
+    """Call the handler while watching for the client going away."""
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            pending = 0
+            while pending <= conn.limits.max_head_bytes:
+                try:
+                    data = await stream.receive(RECEIVE_SIZE)
+                except GONE:
+                    responder.client_gone = True
+                    tg.cancel_scope.cancel()
+                    return
+                pending += len(data)
+                conn.receive(data)  # a pipelined request, kept for the next cycle
+
+        tg.start_soon(watch)
+        try:
+            await handler(request, responder, info)
+        except ClientGone:
+            pass
+        finally:
+            tg.cancel_scope.cancel()
+
+
+async def serve_listener(
+    listener: anyio.abc.Listener[anyio.abc.SocketStream],
+    handler: Handler,
+    limits: Limits,
+    info: ConnInfo,
+    slots: ConnectionSlots,
+) -> None:
+    """Accept connections until cancelled."""
+
+    async def on_connect(stream: anyio.abc.SocketStream) -> None:
+        if info.kind == "tcp":
+            try:
+                stream.extra(anyio.abc.SocketAttribute.raw_socket).setsockopt(
+                    socket.IPPROTO_TCP, socket.TCP_NODELAY, 1
+                )
+            except (OSError, anyio.TypedAttributeLookupError):
+                pass
+        await serve_connection(stream, handler, limits, info, slots)
+
+    await listener.serve(on_connect)

@@ -1,0 +1,104 @@
+"""The seam between the manager and whatever runs models: a Protocol, and the messages.
+
+The real backend runs each model in a worker process (`modeld.worker.client`); unit
+tests plug in a scripted fake. A generation is read as a stream of small frozen events.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from modeld.errors import ModeldError
+
+
+@dataclass(frozen=True)
+class GenParams:
+    """Sampling parameters of one generation, already validated."""
+
+    prompt: str
+    max_tokens: int = 128
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Started:
+    """The prompt was accepted and is being processed: the status line can go out."""
+
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """One batch of generated text pieces, in order."""
+
+    texts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Finished:
+    finish_reason: str  # stop | length | cancelled
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: ModeldError
+
+
+GenEvent = Started | Tokens | Finished | Failed
+
+
+class Generation(Protocol):
+    """One running generation; `next()` returns events until Finished or Failed."""
+
+    async def next(self) -> GenEvent: ...
+
+
+@dataclass(frozen=True)
+class LoadedInfo:
+    """What a load measured about the instance."""
+
+    vram_mb: int  # memory the instance really takes (NVML on a GPU, worker RSS without)
+    n_ctx: int
+    n_ctx_train: int = 0
+    load_ms: float = 0.0
+    chat_template: str | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+class LoadedModel(Protocol):
+    """A model resident in memory, ready to generate one request at a time."""
+
+    info: LoadedInfo
+
+    def generate(self, params: GenParams) -> AbstractAsyncContextManager[Generation]:
+        """Start a generation; leaving the context cancels it if it has not ended."""
+        ...
+
+    async def close(self, error: ModeldError) -> None:
+        """Unload: end a running generation with `error`, stop and reap the worker."""
+        ...
+
+
+ExitCallback = Callable[[str], None]
+
+
+class Backend(Protocol):
+    async def load(self, spec_path: str, model_id: str, on_exit: ExitCallback) -> LoadedModel:
+        """Load a model; raise ModelLoadFailed with a reason free of paths when it fails.
+
+        `on_exit(reason)` is called if the model's worker later dies on its own.
+        """
+        ...
+
+    async def aclose(self) -> None:
+        """Release anything the backend holds (spare workers)."""
+        ...

@@ -1,0 +1,497 @@
+"""The async manager: carries out what the planner decides.
+
+Theory of operation: every model that has been asked for gets an `Instance` with its own
+FIFO queue of waiters. Whenever anything changes (a request arrives or leaves, a
+generation ends, a load or unload finishes) `_pump()` runs synchronously: it hands the
+instance to the head of its queue when the instance is ready and idle, and for models
+that have waiters but are not loaded it asks `planner.plan()` what to do: load, evict
+these first, wait, or reject. Loads and unloads run as tasks in the manager's task group
+and call `_pump()` again when they end. Nothing here blocks on I/O except those tasks.
+Time comes from `anyio.current_time()`, so tests run on trio's MockClock.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from modeld.errors import (
+    InsufficientVram,
+    ModeldError,
+    ModelLoadFailed,
+    ModelUnloaded,
+    Overloaded,
+    QueueFull,
+    QueueTimeout,
+    ShuttingDown,
+)
+from modeld.manager.backend import Backend, GenParams, Generation, LoadedModel
+from modeld.manager.planner import Budget, InstanceView, Load, TooLarge, Wait, plan, used_mb
+from modeld.manager.states import State, transition
+from modeld.registry import ModelSpec
+
+log = logging.getLogger("modeld.manager")
+
+DEFAULT_GEN_MS = 2000.0  # retry hint before any generation has been timed
+GEN_EWMA_ALPHA = 0.3  # weight of the newest generation time in the running average
+BACKOFF_BASE_S = 1.0  # first retry of a failed load after this long ...
+BACKOFF_MAX_S = 60.0  # ... doubling per failure up to this
+IDLE_CHECK_S = 1.0  # how often idle instances are looked at for --idle-unload-s
+
+
+@dataclass(frozen=True)
+class ManagerConfig:
+    budget_mb: int
+    margin_mb: int = 512
+    budget_source: str = "config"
+    max_queue_depth: int = 32
+    max_wait_ms: int = 30_000
+    max_inflight: int = 0  # 0 = no global cap
+    idle_unload_s: float = 0.0  # 0 = never
+    pinned: frozenset[str] = frozenset()
+
+
+@dataclass(eq=False)
+class Waiter:
+    """One request waiting for its turn on an instance."""
+
+    enqueued_at: float
+    event: anyio.Event = field(default_factory=anyio.Event)
+    granted: bool = False
+    error: ModeldError | None = None
+    load_ms: float = 0.0
+
+
+@dataclass(eq=False)
+class Instance:
+    spec: ModelSpec
+    pinned: bool = False
+    state: State = State.UNLOADED
+    handle: LoadedModel | None = None
+    queue: deque[Waiter] = field(default_factory=deque)
+    inflight: int = 0
+    last_used: float = 0.0  # monotonic, for LRU
+    last_used_wall: float | None = None
+    vram_mb: int | None = None  # measured after a load
+    loads: int = 0
+    error: str | None = None
+    failures: int = 0
+    retry_at: float = 0.0
+    gen_ms: float | None = None  # running average of generation times
+
+    @property
+    def model_id(self) -> str:
+        return self.spec.id
+
+    @property
+    def effective_mb(self) -> int:
+        return self.vram_mb if self.vram_mb is not None else self.spec.est_vram_mb
+
+    def move(self, new: State) -> None:
+        self.state = transition(self.state, new)
+
+
+@dataclass
+class Lease:
+    """The right to run one generation on a ready instance."""
+
+    instance: Instance
+    queue_ms: float
+    load_ms: float
+
+    @property
+    def model(self) -> LoadedModel:
+        assert self.instance.handle is not None
+        return self.instance.handle
+
+    def generate(self, params: GenParams) -> Any:
+        return self.model.generate(params)
+
+
+class Manager:
+    """Owns the instances; `acquire()` is the one way in for a request."""
+
+    def __init__(self, backend: Backend, config: ManagerConfig) -> None:
+        self.backend = backend
+        self.config = config
+        self.instances: dict[str, Instance] = {}
+        self.rejected: dict[str, int] = {"queue_full": 0, "queue_timeout": 0, "overloaded": 0}
+        self.cancelled = 0
+        self._gen_ms: float | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._closing = False
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled; owns the load and unload tasks."""
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            task_status.started()
+            if self.config.idle_unload_s > 0:
+                tg.start_soon(self._idle_loop)
+            await anyio.sleep_forever()
+
+    async def shutdown(self) -> None:
+        """Refuse new work, end everything waiting or running, unload every instance."""
+        self._closing = True
+        for inst in self.instances.values():
+            self._fail_waiters(inst, ShuttingDown("modeld is shutting down"))
+        with anyio.CancelScope(shield=True):
+            async with anyio.create_task_group() as tg:
+                for inst in self.instances.values():
+                    if inst.state is State.READY:
+                        tg.start_soon(self._unload, inst, "shutdown")
+
+    # ---- the request path ------------------------------------------------------------
+
+    @asynccontextmanager
+    async def acquire(self, spec: ModelSpec) -> AsyncIterator[Lease]:
+        """Wait for a turn on `spec`'s instance (loading it if needed); yield a Lease."""
+        inst = self._instance(spec)
+        self._admit(inst)
+        waiter = Waiter(enqueued_at=anyio.current_time())
+        inst.queue.append(waiter)
+        self._pump()
+        try:
+            with anyio.move_on_after(self.config.max_wait_ms / 1000):
+                await waiter.event.wait()
+            if not waiter.granted:
+                if waiter.error is not None:
+                    raise waiter.error
+                self.rejected["queue_timeout"] += 1
+                raise QueueTimeout(
+                    f"waited {self.config.max_wait_ms} ms for model {spec.id!r} without a turn",
+                    retry_after_ms=self._retry_after_ms(inst, len(inst.queue)),
+                )
+        except BaseException:
+            self._leave_queue(inst, waiter)
+            raise
+        waited_ms = (anyio.current_time() - waiter.enqueued_at) * 1000
+        lease = Lease(inst, queue_ms=max(0.0, waited_ms - waiter.load_ms), load_ms=waiter.load_ms)
+        started = anyio.current_time()
+        try:
+            yield lease
+        finally:
+            self._release(inst, (anyio.current_time() - started) * 1000)
+
+    def _admit(self, inst: Instance) -> None:
+        """Say no early: shutting down, too large, overloaded, queue full, load backoff."""
+        if self._closing:
+            raise ShuttingDown("modeld is shutting down")
+        need = inst.effective_mb
+        budget = self._budget()
+        if need > budget.usable_mb:
+            raise InsufficientVram(
+                f"model {inst.model_id!r} needs about {need} MB but the budget allows "
+                f"{budget.usable_mb} MB ({budget.budget_mb} MB budget - {budget.margin_mb} MB margin)",
+                param="model",
+            )
+        cap = self.config.max_inflight
+        if cap and self.inflight >= cap:
+            self.rejected["overloaded"] += 1
+            raise Overloaded(
+                f"{self.inflight} generations running, the limit is {cap}",
+                retry_after_ms=self._retry_after_ms(None, 0),
+            )
+        if len(inst.queue) >= self.config.max_queue_depth:
+            self.rejected["queue_full"] += 1
+            raise QueueFull(
+                f"{len(inst.queue)} requests already queued for model {inst.model_id!r}",
+                retry_after_ms=self._retry_after_ms(inst, len(inst.queue)),
+            )
+        if inst.state is State.ERROR and anyio.current_time() < inst.retry_at:
+            wait_s = inst.retry_at - anyio.current_time()
+            raise ModelLoadFailed(
+                f"model {inst.model_id!r} failed to load: {inst.error}; "
+                f"next retry in {wait_s:.1f} s"
+            )
+
+    def _leave_queue(self, inst: Instance, waiter: Waiter) -> None:
+        if waiter.granted:
+            self._release(inst, None)
+            return
+        try:
+            inst.queue.remove(waiter)
+        except ValueError:
+            pass
+        self._pump()
+
+    def _release(self, inst: Instance, gen_ms: float | None) -> None:
+        inst.inflight -= 1
+        inst.last_used = anyio.current_time()
+        inst.last_used_wall = time.time()
+        if gen_ms is not None:
+            inst.gen_ms = _ewma(inst.gen_ms, gen_ms)
+            self._gen_ms = _ewma(self._gen_ms, gen_ms)
+        self._pump()
+
+    def _retry_after_ms(self, inst: Instance | None, ahead: int) -> int:
+        """Estimate when a retry could succeed from the queue ahead and recent timings."""
+        per = (inst.gen_ms if inst else None) or self._gen_ms or DEFAULT_GEN_MS
+        busy = 1 if inst is None or inst.inflight else 0
+        return int(per * (ahead + busy) or per)
+
+    # ---- the scheduler ---------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Grant turns and start loads/unloads; synchronous, idempotent."""
+        if self._closing:
+            return
+        order = sorted(
+            (i for i in self.instances.values() if i.queue),
+            key=lambda i: i.queue[0].enqueued_at,
+        )
+        cap = self.config.max_inflight
+        for inst in order:
+            if inst.state is State.READY and inst.inflight == 0:
+                if cap and self.inflight >= cap:
+                    continue
+                waiter = inst.queue.popleft()
+                waiter.granted = True
+                inst.inflight += 1
+                waiter.event.set()
+        for inst in order:
+            if inst.queue and inst.state in (State.UNLOADED, State.ERROR):
+                self._plan_load(inst)
+
+    def _plan_load(self, inst: Instance) -> None:
+        if inst.spec.invalid is not None:
+            inst.move(State.LOADING)
+            self._load_failed(inst, inst.spec.invalid)
+            return
+        if inst.state is State.ERROR and anyio.current_time() < inst.retry_at:
+            self._fail_waiters(inst, ModelLoadFailed(f"model {inst.model_id!r} failed to load: {inst.error}"))
+            return
+        decision = plan(self._views(), self._budget(), inst.model_id, inst.effective_mb)
+        if isinstance(decision, TooLarge):
+            self._fail_waiters(
+                inst,
+                InsufficientVram(
+                    f"model {inst.model_id!r} needs about {decision.need_mb} MB but the budget "
+                    f"allows {decision.usable_mb} MB",
+                    param="model",
+                ),
+            )
+        elif isinstance(decision, Load) and not decision.evict:
+            inst.move(State.LOADING)
+            self._spawn(self._load, inst)
+        elif isinstance(decision, Load):
+            for model_id in decision.evict:
+                victim = self.instances[model_id]
+                log.info("evicting %s to make room for %s", model_id, inst.model_id)
+                victim.move(State.UNLOADING)
+                self._spawn(self._unload, victim, "evicted", True)
+        else:
+            assert isinstance(decision, Wait)
+
+    def _spawn(self, fn: Any, *args: Any) -> None:
+        assert self._tg is not None, "Manager.run() is not running"
+        self._tg.start_soon(fn, *args)
+
+    async def _load(self, inst: Instance) -> None:
+        started = anyio.current_time()
+        try:
+            handle = await self.backend.load(
+                str(inst.spec.path), inst.model_id, lambda reason: self._on_exit(inst, reason)
+            )
+        except ModeldError as exc:
+            self._load_failed(inst, exc.message)
+            return
+        except Exception as exc:  # a bug in a backend must not kill the manager
+            log.exception("load of %s failed unexpectedly", inst.model_id)
+            self._load_failed(inst, f"internal error: {type(exc).__name__}")
+            return
+        load_ms = (anyio.current_time() - started) * 1000
+        inst.handle = handle
+        inst.vram_mb = handle.info.vram_mb
+        inst.loads += 1
+        inst.failures = 0
+        inst.error = None
+        inst.last_used = anyio.current_time()
+        inst.move(State.READY)
+        for waiter in inst.queue:
+            waiter.load_ms += load_ms
+        log.info(
+            "loaded %s in %.0f ms: %d MB (estimate %d MB), %d MB in use of %d MB usable",
+            inst.model_id, load_ms, inst.vram_mb, inst.spec.est_vram_mb,
+            self.used_mb, self._budget().usable_mb,
+            extra={"fields": {"event": "load", "model": inst.model_id, "load_ms": round(load_ms, 1),
+                              "vram_mb": inst.vram_mb, "est_vram_mb": inst.spec.est_vram_mb,
+                              "used_mb": self.used_mb}},
+        )
+        if self._closing:
+            self._spawn(self._unload, inst, "shutdown")
+        self._pump()
+
+    def _load_failed(self, inst: Instance, reason: str) -> None:
+        inst.failures += 1
+        inst.error = reason
+        backoff = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (inst.failures - 1))
+        inst.retry_at = anyio.current_time() + backoff
+        inst.move(State.ERROR)
+        log.warning("load of %s failed: %s (retry allowed in %.0f s)", inst.model_id, reason, backoff,
+                    extra={"fields": {"event": "load_failed", "model": inst.model_id}})
+        self._fail_waiters(inst, ModelLoadFailed(f"model {inst.model_id!r} failed to load: {reason}"))
+        self._pump()
+
+    async def _unload(self, inst: Instance, reason: str, moved: bool = False) -> None:
+        if not moved:
+            inst.move(State.UNLOADING)
+        handle, inst.handle = inst.handle, None
+        error: ModeldError = (
+            ShuttingDown("modeld is shutting down") if reason == "shutdown"
+            else ModelUnloaded(f"model {inst.model_id!r} was unloaded ({reason})")
+        )
+        freed = inst.effective_mb
+        try:
+            if handle is not None:
+                with anyio.CancelScope(shield=True):
+                    await handle.close(error)
+        finally:
+            inst.vram_mb = None
+            inst.move(State.UNLOADED)
+            log.info("unloaded %s (%s): %d MB freed", inst.model_id, reason, freed,
+                     extra={"fields": {"event": "unload", "model": inst.model_id,
+                                       "reason": reason, "vram_mb": freed,
+                                       "used_mb": self.used_mb}})
+            self._pump()
+
+    def _on_exit(self, inst: Instance, reason: str) -> None:
+        """A worker died on its own: unload the instance so the next request reloads."""
+        if inst.state is State.READY:
+            inst.error = reason
+            inst.move(State.UNLOADING)
+            self._spawn(self._unload, inst, reason, True)
+
+    async def _idle_loop(self) -> None:
+        while True:
+            await anyio.sleep(IDLE_CHECK_S)
+            now = anyio.current_time()
+            for inst in list(self.instances.values()):
+                if (
+                    inst.state is State.READY
+                    and not inst.pinned
+                    and inst.inflight == 0
+                    and not inst.queue
+                    and now - inst.last_used >= self.config.idle_unload_s
+                ):
+                    inst.move(State.UNLOADING)
+                    self._spawn(self._unload, inst, "idle", True)
+
+    def _fail_waiters(self, inst: Instance, error: ModeldError) -> None:
+        while inst.queue:
+            waiter = inst.queue.popleft()
+            waiter.error = error
+            waiter.event.set()
+
+    # ---- views -----------------------------------------------------------------------
+
+    def _instance(self, spec: ModelSpec) -> Instance:
+        inst = self.instances.get(spec.id)
+        if inst is None:
+            inst = Instance(spec, pinned=spec.id in self.config.pinned)
+            self.instances[spec.id] = inst
+        elif inst.spec != spec and inst.state in (State.UNLOADED, State.ERROR):
+            inst.spec = spec  # the file changed on disk: use what is there now
+            if inst.state is State.ERROR:
+                inst.retry_at = 0.0
+        return inst
+
+    def _views(self) -> list[InstanceView]:
+        return [
+            InstanceView(
+                model_id=i.model_id,
+                state=i.state,
+                vram_mb=i.effective_mb,
+                last_used=i.last_used,
+                busy=i.inflight > 0 or bool(i.queue),
+                pinned=i.pinned,
+            )
+            for i in self.instances.values()
+        ]
+
+    def _budget(self) -> Budget:
+        return Budget(self.config.budget_mb, self.config.margin_mb)
+
+    @property
+    def inflight(self) -> int:
+        return sum(i.inflight for i in self.instances.values())
+
+    @property
+    def used_mb(self) -> int:
+        return used_mb(self._views())
+
+    def preload(self, specs: Iterable[ModelSpec]) -> None:
+        """Load these models in the background, as if a request had asked for each."""
+        for spec in specs:
+            self._spawn(self.preload_one, spec)
+
+    async def preload_one(self, spec: ModelSpec) -> None:
+        """Load `spec` as a request would, without generating."""
+        try:
+            async with self.acquire(spec):
+                pass
+        except ModeldError as exc:
+            log.warning("preload of %s failed: %s", spec.id, exc.message)
+
+    def note_cancelled(self) -> None:
+        """A client went away before its request ended."""
+        self.cancelled += 1
+
+    def is_ready(self, model_id: str | None = None) -> bool:
+        if model_id is not None:
+            inst = self.instances.get(model_id)
+            return inst is not None and inst.state is State.READY
+        return any(i.state is State.READY for i in self.instances.values())
+
+    def status(self) -> dict[str, Any]:
+        budget = self._budget()
+        used = self.used_mb
+        now = anyio.current_time()
+        return {
+            "vram": {
+                "budget_mb": budget.budget_mb,
+                "margin_mb": budget.margin_mb,
+                "used_mb": used,
+                "available_mb": budget.usable_mb - used,
+                "source": self.config.budget_source,
+            },
+            "inflight": self.inflight,
+            "max_inflight": self.config.max_inflight,
+            "rejected": dict(self.rejected),
+            "cancelled": self.cancelled,
+            "instances": [self._instance_status(i, now) for i in self.instances.values()],
+        }
+
+    @staticmethod
+    def _instance_status(inst: Instance, now: float) -> dict[str, Any]:
+        oldest = (now - inst.queue[0].enqueued_at) * 1000 if inst.queue else 0.0
+        return {
+            "model_id": inst.model_id,
+            "state": str(inst.state),
+            "last_used": inst.last_used_wall,
+            "est_vram_mb": inst.spec.est_vram_mb,
+            "vram_mb": inst.vram_mb,
+            "inflight": inst.inflight,
+            "queue_depth": len(inst.queue),
+            "oldest_wait_ms": round(oldest, 1),
+            "loads": inst.loads,
+            "pinned": inst.pinned,
+            "error": inst.error,
+        }
+
+
+def _ewma(old: float | None, new: float) -> float:
+    return new if old is None else old + GEN_EWMA_ALPHA * (new - old)
+
+
+__all__ = ["Generation", "Lease", "Manager", "ManagerConfig"]

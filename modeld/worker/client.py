@@ -1,0 +1,484 @@
+"""The daemon's side of a worker process: spawn it, load a model, stream generations.
+
+Theory of operation: each worker is `python -m modeld.worker`, speaking JSON lines (see
+`modeld.worker.main`) over its stdin and stdout. One reader task per worker turns what
+the worker writes into events: control messages (hello, loaded, load_failed) go to one
+queue, generation events to the stream of the request they belong to. Token messages
+that arrive together are merged into one batch, so a fast model costs one HTTP write per
+read, not one per token. When the worker exits, every open stream ends with an error
+and the manager is told, so the daemon never waits on a dead process.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import anyio
+import anyio.abc
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from modeld.errors import (
+    GenerationFailed,
+    InvalidRequest,
+    ModeldError,
+    ModelLoadFailed,
+    PromptTooLong,
+    WorkerCrashed,
+)
+from modeld.manager.backend import (
+    ExitCallback,
+    Failed,
+    Finished,
+    GenEvent,
+    GenParams,
+    LoadedInfo,
+    Started,
+    Tokens,
+)
+from modeld.vram import process_vram_mb
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 1 << 16  # bytes per read from a worker: many token messages at once
+SPAWN_TIMEOUT_S = 60.0  # interpreter start + `import llama_cpp`; generous for a busy machine
+CANCEL_GRACE_S = 5.0  # a cancelled generation must end within this, or the worker is killed
+CLOSE_GRACE_S = 3.0  # time a worker gets to exit after `shutdown` before SIGKILL
+GEN_BUFFER = 64  # event batches buffered per stream; a slow client back-pressures the worker
+STDERR_TAIL = 40  # lines of worker stderr kept for the log when it dies
+# Worker env: never let workers see systemd's variables meant for the daemon.
+SCRUBBED_ENV = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_USEC",
+                "WATCHDOG_PID")
+
+ERROR_CODES: dict[str, type[ModeldError]] = {
+    "prompt_too_long": PromptTooLong,
+    "invalid_request": InvalidRequest,
+}
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """How workers load models; the same for every instance."""
+
+    n_ctx: int = 2048
+    n_gpu_layers: int = -1
+    threads: int = 0  # 0: the worker picks (all cores)
+    flash_attn: str = "auto"
+    n_batch: int = 512
+    load_timeout_s: float = 120.0
+    gpu: bool = False  # measure memory with NVML instead of RSS
+
+
+def exit_reason(returncode: int | None) -> str:
+    """Say how a process ended, in words fit for a client (no paths)."""
+    if returncode is None:
+        return "worker did not exit"
+    if returncode < 0:
+        try:
+            return f"worker killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"worker killed by signal {-returncode}"
+    return f"worker exited with status {returncode}"
+
+
+def _worker_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in SCRUBBED_ENV}
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+class WorkerProcess:
+    """One `python -m modeld.worker` process and its message plumbing."""
+
+    def __init__(self, proc: anyio.abc.Process) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self.exited = anyio.Event()
+        self.exit_reason = ""
+        self.on_exit: ExitCallback | None = None
+        self.stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL)
+        self._control_send, self._control_recv = anyio.create_memory_object_stream[
+            dict[str, Any]
+        ](16)
+        self._active: dict[int, MemoryObjectSendStream[GenEvent]] = {}
+        self._send_lock = anyio.Lock()
+        self._closing_error: ModeldError | None = None
+
+    @classmethod
+    async def spawn(cls, tg: anyio.abc.TaskGroup) -> WorkerProcess:
+        """Start a worker and wait until it has imported llama.cpp and said hello."""
+        proc = await anyio.open_process(
+            [sys.executable, "-m", "modeld.worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=_worker_env(),
+            start_new_session=True,  # a Ctrl-C at the terminal is the daemon's to handle
+        )
+        worker = cls(proc)
+        tg.start_soon(worker._read_stdout)
+        tg.start_soon(worker._read_stderr)
+        with anyio.move_on_after(SPAWN_TIMEOUT_S):
+            msg = await worker.control()
+            if msg is not None and msg.get("ev") == "hello":
+                return worker
+        await worker.kill()
+        raise ModelLoadFailed(f"worker did not start: {worker.exit_reason or 'timeout'}")
+
+    @property
+    def alive(self) -> bool:
+        return not self.exited.is_set()
+
+    async def send(self, message: dict[str, Any]) -> None:
+        data = json.dumps(message, separators=(",", ":")).encode() + b"\n"
+        async with self._send_lock:
+            assert self.proc.stdin is not None
+            await self.proc.stdin.send(data)
+
+    async def control(self) -> dict[str, Any] | None:
+        """Next control message, or None once the worker has gone."""
+        try:
+            return await self._control_recv.receive()
+        except anyio.EndOfStream:
+            return None
+
+    async def load(self, path: str, settings: WorkerSettings) -> dict[str, Any]:
+        """Ask the worker to load `path`; return its `loaded` message."""
+        await self.send(
+            {
+                "op": "load",
+                "path": path,
+                "n_ctx": settings.n_ctx,
+                "n_gpu_layers": settings.n_gpu_layers,
+                "threads": settings.threads,
+                "flash_attn": settings.flash_attn,
+                "n_batch": settings.n_batch,
+            }
+        )
+        msg: dict[str, Any] | None = None
+        with anyio.move_on_after(settings.load_timeout_s):
+            msg = await self.control()
+        if msg is None:
+            if self.alive:
+                await self.kill()
+                raise ModelLoadFailed(
+                    f"load did not finish within {settings.load_timeout_s:g} s"
+                )
+            raise ModelLoadFailed(self.exit_reason)
+        if msg.get("ev") == "loaded":
+            return msg
+        reason = str(msg.get("message") or "the worker could not load the model")
+        await self.kill()
+        raise ModelLoadFailed(reason)
+
+    def open_stream(self, rid: int) -> MemoryObjectReceiveStream[GenEvent]:
+        send, recv = anyio.create_memory_object_stream[GenEvent](GEN_BUFFER)
+        if not self.alive:
+            send.close()
+        else:
+            self._active[rid] = send
+        return recv
+
+    def close_stream(self, rid: int) -> None:
+        stream = self._active.pop(rid, None)
+        if stream is not None:
+            stream.close()
+
+    async def kill(self) -> None:
+        """SIGKILL the worker and wait until it is reaped."""
+        if self.proc.returncode is None:
+            try:
+                self.proc.kill()
+            except ProcessLookupError:
+                pass
+        with anyio.CancelScope(shield=True):
+            await self.exited.wait()
+
+    async def close(self, error: ModeldError) -> None:
+        """Stop the worker: ask nicely, then kill; streams still open end with `error`."""
+        self._closing_error = error
+        with anyio.CancelScope(shield=True):
+            if self.alive:
+                try:
+                    await self.send({"op": "shutdown"})
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                    pass
+                with anyio.move_on_after(CLOSE_GRACE_S):
+                    await self.exited.wait()
+            await self.kill()
+
+    async def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        buf = b""
+        try:
+            async for chunk in self.proc.stderr:
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    text = line.decode("utf-8", "replace").rstrip()
+                    if text:
+                        self.stderr_tail.append(text)
+                        log.debug("worker %d: %s", self.pid, text)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass
+
+    async def _read_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        buf = b""
+        try:
+            while True:
+                try:
+                    chunk = await self.proc.stdout.receive(READ_CHUNK)
+                except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    break
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                await self._dispatch(lines)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._on_eof()
+
+    async def _dispatch(self, lines: list[bytes]) -> None:
+        pending_id: int | None = None
+        pending: list[str] = []
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                log.warning("worker %d wrote a line that is not JSON", self.pid)
+                continue
+            ev = msg.get("ev")
+            if ev == "tokens":
+                rid = msg["id"]
+                if pending_id is not None and pending_id != rid:
+                    await self._deliver(pending_id, Tokens(tuple(pending)))
+                    pending = []
+                pending_id = rid
+                pending.extend(msg["texts"])
+                continue
+            if pending_id is not None:
+                await self._deliver(pending_id, Tokens(tuple(pending)))
+                pending_id, pending = None, []
+            if ev in ("start", "done", "error"):
+                await self._deliver(msg["id"], self._event(msg))
+            else:
+                await self._control_send.send(msg)
+        if pending_id is not None:
+            await self._deliver(pending_id, Tokens(tuple(pending)))
+
+    @staticmethod
+    def _event(msg: dict[str, Any]) -> GenEvent:
+        ev = msg["ev"]
+        if ev == "start":
+            return Started(int(msg["prompt_tokens"]))
+        if ev == "done":
+            return Finished(
+                str(msg["finish_reason"]),
+                int(msg["prompt_tokens"]),
+                int(msg["completion_tokens"]),
+            )
+        cls = ERROR_CODES.get(str(msg.get("code")), GenerationFailed)
+        return Failed(cls(str(msg.get("message", "generation failed"))))
+
+    async def _deliver(self, rid: int, event: GenEvent) -> None:
+        stream = self._active.get(rid)
+        if stream is None:
+            return  # a request that has already gone away
+        try:
+            await stream.send(event)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            self._active.pop(rid, None)
+            return
+        if isinstance(event, Finished | Failed):
+            self.close_stream(rid)
+
+    async def _on_eof(self) -> None:
+        await self.proc.wait()
+        self.exit_reason = exit_reason(self.proc.returncode)
+        deliberate = self._closing_error is not None
+        error = self._closing_error or WorkerCrashed(self.exit_reason)
+        for rid, stream in list(self._active.items()):
+            try:
+                stream.send_nowait(Failed(error))
+            except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass
+            self.close_stream(rid)
+        self._control_send.close()
+        self.exited.set()
+        if not deliberate:
+            tail = " | ".join(list(self.stderr_tail)[-3:])
+            log.warning("worker %d ended: %s; last stderr: %s", self.pid, self.exit_reason, tail)
+            if self.on_exit is not None:
+                self.on_exit(self.exit_reason)
+
+
+class WorkerGeneration:
+    """Events of one generation on a worker."""
+
+    def __init__(self, recv: MemoryObjectReceiveStream[GenEvent]) -> None:
+        self._recv = recv
+        self.ended = False
+
+    async def next(self) -> GenEvent:
+        try:
+            event = await self._recv.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            event = Failed(WorkerCrashed("worker ended the stream without finishing"))
+        if isinstance(event, Finished | Failed):
+            self.ended = True
+        return event
+
+
+class WorkerModel:
+    """A model loaded in a worker: the LoadedModel the manager sees."""
+
+    def __init__(self, worker: WorkerProcess, info: LoadedInfo) -> None:
+        self.worker = worker
+        self.info = info
+        self._ids = itertools.count(1)
+
+    @asynccontextmanager
+    async def generate(self, params: GenParams) -> AsyncIterator[WorkerGeneration]:
+        rid = next(self._ids)
+        recv = self.worker.open_stream(rid)
+        gen = WorkerGeneration(recv)
+        try:
+            await self.worker.send(
+                {
+                    "op": "generate",
+                    "id": rid,
+                    "prompt": params.prompt,
+                    "max_tokens": params.max_tokens,
+                    "temperature": params.temperature,
+                    "top_p": params.top_p,
+                    "top_k": params.top_k,
+                    "seed": params.seed,
+                    "stop": list(params.stop),
+                }
+            )
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass  # the reader will end the stream with the worker's exit reason
+        try:
+            yield gen
+        finally:
+            if not gen.ended:
+                await self._cancel(rid, gen)
+            self.worker.close_stream(rid)
+            recv.close()
+
+    async def _cancel(self, rid: int, gen: WorkerGeneration) -> None:
+        """Stop a generation nobody reads any more; the worker must confirm it."""
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(CANCEL_GRACE_S):
+                try:
+                    await self.worker.send({"op": "cancel", "id": rid})
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                    return
+                while not gen.ended:
+                    await gen.next()
+                return
+            log.warning("worker %d ignored a cancel; killing it", self.worker.pid)
+            await self.worker.kill()
+
+    async def close(self, error: ModeldError) -> None:
+        await self.worker.close(error)
+
+
+class ProcessBackend:
+    """Loads each model into its own worker process; keeps one spare worker warm.
+
+    The spare has already paid for the interpreter and `import llama_cpp`, so a cold
+    request only pays for the model load itself.
+    """
+
+    def __init__(self, settings: WorkerSettings, *, spare: bool = True) -> None:
+        self.settings = settings
+        self._want_spare = spare
+        self._spare: WorkerProcess | None = None
+        self._spare_lock = anyio.Lock()
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    async def __aenter__(self) -> ProcessBackend:
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        if self._want_spare:
+            self._tg.start_soon(self._refill_spare)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        await self.aclose()
+        assert self._tg is not None
+        return await self._tg.__aexit__(exc_type, exc, tb)
+
+    async def aclose(self) -> None:
+        self._want_spare = False
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            await spare.close(ModelLoadFailed("shutting down"))
+
+    async def _refill_spare(self) -> None:
+        async with self._spare_lock:
+            if self._spare is not None and self._spare.alive or not self._want_spare:
+                return
+            assert self._tg is not None
+            try:
+                spare = await WorkerProcess.spawn(self._tg)
+            except ModeldError as exc:
+                log.warning("could not start a spare worker: %s", exc.message)
+                return
+            if not self._want_spare:
+                await spare.close(ModelLoadFailed("shutting down"))
+                return
+            self._spare = spare
+
+    async def _take_worker(self) -> WorkerProcess:
+        assert self._tg is not None
+        spare, self._spare = self._spare, None
+        if self._want_spare:
+            self._tg.start_soon(self._refill_spare)
+        if spare is not None and spare.alive:
+            return spare
+        return await WorkerProcess.spawn(self._tg)
+
+    async def load(self, spec_path: str, model_id: str, on_exit: ExitCallback) -> WorkerModel:
+        worker = await self._take_worker()
+        try:
+            msg = await worker.load(spec_path, self.settings)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await worker.kill()
+            raise
+        vram = None
+        if self.settings.gpu:
+            vram = process_vram_mb(worker.pid)
+        if vram is None:
+            vram = int(round(float(msg.get("rss_mb", 0.0))))
+        info = LoadedInfo(
+            vram_mb=vram,
+            n_ctx=int(msg.get("n_ctx", self.settings.n_ctx)),
+            n_ctx_train=int(msg.get("n_ctx_train", 0)),
+            load_ms=float(msg.get("load_ms", 0.0)) + float(msg.get("warmup_ms", 0.0)),
+            chat_template=msg.get("chat_template"),
+            extra={k: msg[k] for k in ("model_bytes", "ctx_bytes", "bos", "eos") if k in msg},
+        )
+        worker.on_exit = on_exit
+        log.debug("worker %d loaded %s", worker.pid, model_id)
+        return WorkerModel(worker, info)

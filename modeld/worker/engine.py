@@ -1,0 +1,439 @@
+"""The only code in modeld that calls llama.cpp: load one model, run one generation at a time.
+
+Uses llama-cpp-python's low-level ctypes bindings directly (the high-level `Llama` class
+re-detokenizes the whole output every token). The hot loop is sample -> piece lookup ->
+text stream -> decode one token, with every ctypes function bound to a local, token
+pieces cached per id, and protocol writes batched by time.
+
+Events leave through a `Sink` as plain dicts; `modeld.worker.main` owns the protocol fd.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import random
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import llama_cpp.llama_cpp as llama
+
+from modeld.worker.textstream import TextStream
+
+__all__ = [
+    "CancelFlag",
+    "Engine",
+    "GenerateSpec",
+    "LoadError",
+    "LoadSpec",
+    "Sink",
+    "init_backend",
+]
+
+FLUSH_INTERVAL_S = 0.001  # batch token events: one write per ms is plenty, one per token is not
+PIECE_BUF_BYTES = 256  # longest token piece we expect; a longer one is retried with its size
+WARMUP_TOKEN_FALLBACK = 0  # token decoded for warm-up when the model has no BOS
+LOG_ERROR_LEVEL = 4  # GGML_LOG_LEVEL_ERROR: the only llama.cpp logs kept when not debugging
+LOG_CONT_LEVEL = 5  # GGML_LOG_LEVEL_CONT: continuation of the previous message
+TOKEN_BYTES = ctypes.sizeof(llama.llama_token)  # stride of the token buffer
+KV_BYTES_PER_VALUE = 2  # default K/V cache type is f16
+FLASH_ATTN = {
+    "auto": llama.LLAMA_FLASH_ATTN_TYPE_AUTO,
+    "on": llama.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+    "off": llama.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+}
+# llama.cpp logs each context buffer as "<dev> KV|compute|output|RS buffer size = X MiB".
+_CTX_BUFFER_RE = re.compile(rb"\b(?:KV|compute|output|RS) buffer size =\s*([0-9.]+) MiB")
+_MIB = 1024 * 1024
+
+
+class Sink(Protocol):
+    """Where protocol events go: all events of one call are written together."""
+
+    def send(self, *events: dict[str, Any]) -> None: ...
+
+
+class CancelFlag:
+    """Set by the stdin reader thread, read by the decode loop (a plain attribute: cheap)."""
+
+    __slots__ = ("cancelled",)
+
+    def __init__(self) -> None:
+        self.cancelled = False
+
+
+class LoadError(Exception):
+    """A load failed; the message is safe to send (it never holds the file path)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoadSpec:
+    """The `load` op: which file and how to size the context."""
+
+    path: str
+    n_ctx: int
+    n_gpu_layers: int
+    threads: int
+    flash_attn: str
+    n_batch: int
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateSpec:
+    """The `generate` op, validated."""
+
+    id: int
+    prompt: str
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    stop: tuple[str, ...]
+
+
+class _LlamaLog:
+    """Routes llama.cpp/ggml logs: to stderr when debugging, else only errors; can capture."""
+
+    def __init__(self, debug: bool) -> None:
+        self.debug = debug
+        self.capture: list[bytes] | None = None
+        self._last_level = 0
+        self.callback = llama.llama_log_callback(self._on_log)
+
+    def _on_log(self, level: int, text: bytes | None, _user: int | None) -> None:
+        if text is None:
+            return
+        if level != LOG_CONT_LEVEL:
+            self._last_level = level
+        if self.capture is not None:
+            self.capture.append(text)
+        if self.debug or self._last_level >= LOG_ERROR_LEVEL:
+            os.write(2, text)
+
+
+_log: _LlamaLog | None = None  # kept alive for as long as llama.cpp may call it
+
+
+def init_backend(*, debug: bool) -> None:
+    """Install the log callback and initialise llama.cpp's backends (once, before hello)."""
+    global _log
+    _log = _LlamaLog(debug)
+    llama.llama_log_set(_log.callback, None)
+    llama.llama_backend_init()
+
+
+def _rss_mb() -> float:
+    """Resident set size of this process in MiB, from /proc (0.0 where there is none)."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return 0.0
+
+
+def _token_text(vocab: int, token: int) -> str:
+    """A vocabulary entry's text ('' for a missing token)."""
+    if token < 0:
+        return ""
+    raw = llama.llama_vocab_get_text(vocab, token)
+    return raw.decode("utf-8", "replace") if raw else ""
+
+
+class Engine:
+    """A loaded model and its context; `generate` runs one request on the calling thread."""
+
+    def __init__(self, model: int, ctx: int, spec: LoadSpec) -> None:
+        self._model = model
+        self._ctx = ctx
+        self._vocab: int = llama.llama_model_get_vocab(model)
+        self._mem: int = llama.llama_get_memory(ctx)
+        self.n_ctx: int = llama.llama_n_ctx(ctx)
+        self._n_batch = max(1, min(spec.n_batch, llama.llama_n_batch(ctx)))
+        self._tokens = (llama.llama_token * (self.n_ctx + 1))()
+        self._piece_buf = ctypes.create_string_buffer(PIECE_BUF_BYTES)
+        self._pieces: dict[int, bytes | None] = {}  # token -> bytes, None for end-of-generation
+        self._cancel = CancelFlag()
+        self._abort_cb = llama.ggml_abort_callback(lambda _data: self._cancel.cancelled)
+        self._no_abort = llama.ggml_abort_callback()  # a NULL callback
+
+    # ---- loading -------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, spec: LoadSpec) -> tuple[Engine, dict[str, Any]]:
+        """Load the model, create the context, warm up; return the engine and `loaded` fields."""
+        if not os.path.isfile(spec.path):
+            raise LoadError("model file not found")
+        t0 = time.perf_counter()
+        mparams = llama.llama_model_default_params()
+        mparams.n_gpu_layers = spec.n_gpu_layers
+        model = llama.llama_model_load_from_file(spec.path.encode(), mparams)
+        if not model:
+            raise LoadError("llama.cpp could not load the model (unsupported or corrupt GGUF)")
+        cparams = llama.llama_context_default_params()
+        cparams.n_ctx = spec.n_ctx
+        cparams.n_batch = spec.n_batch
+        cparams.n_ubatch = min(spec.n_batch, cparams.n_ubatch)
+        cparams.n_threads = spec.threads
+        cparams.n_threads_batch = spec.threads
+        cparams.flash_attn_type = FLASH_ATTN[spec.flash_attn]
+        cparams.no_perf = True
+        captured: list[bytes] = []
+        if _log is not None:
+            _log.capture = captured
+        try:
+            ctx = llama.llama_init_from_model(model, cparams)
+        finally:
+            if _log is not None:
+                _log.capture = None
+        if not ctx:
+            llama.llama_model_free(model)
+            raise LoadError("llama.cpp could not create a context (out of memory?)")
+        engine = cls(model, ctx, spec)
+        load_ms = (time.perf_counter() - t0) * 1000.0
+        warmup_ms = engine._warm_up()
+        info = engine._describe(captured)
+        info.update(load_ms=load_ms, warmup_ms=warmup_ms, rss_mb=_rss_mb())
+        return engine, info
+
+    def _warm_up(self) -> float:
+        """Decode one token and sample one so first-request costs are paid now; return ms."""
+        t0 = time.perf_counter()
+        bos = llama.llama_vocab_bos(self._vocab)
+        self._tokens[0] = bos if bos >= 0 else WARMUP_TOKEN_FALLBACK
+        smpl = llama.llama_sampler_init_greedy()
+        try:
+            if llama.llama_decode(self._ctx, llama.llama_batch_get_one(self._tokens, 1)) == 0:
+                llama.llama_sampler_sample(smpl, self._ctx, -1)
+        finally:
+            llama.llama_sampler_free(smpl)
+            llama.llama_memory_clear(self._mem, False)
+        return (time.perf_counter() - t0) * 1000.0
+
+    def _describe(self, ctx_log: list[bytes]) -> dict[str, Any]:
+        """The model facts the daemon wants in `loaded` (sizes, template, special tokens)."""
+        template = llama.llama_model_chat_template(self._model, None)
+        return {
+            "n_ctx": self.n_ctx,
+            "n_ctx_train": llama.llama_model_n_ctx_train(self._model),
+            "n_vocab": llama.llama_vocab_n_tokens(self._vocab),
+            "model_bytes": llama.llama_model_size(self._model),
+            "ctx_bytes": self._ctx_bytes(ctx_log),
+            "chat_template": template.decode("utf-8", "replace") if template else None,
+            "bos": _token_text(self._vocab, llama.llama_vocab_bos(self._vocab)),
+            "eos": _token_text(self._vocab, llama.llama_vocab_eos(self._vocab)),
+        }
+
+    def _ctx_bytes(self, ctx_log: list[bytes]) -> int:
+        """Context memory: the KV/compute/output buffers llama.cpp reported, else the KV size."""
+        mib = sum(float(m.group(1)) for m in _CTX_BUFFER_RE.finditer(b"".join(ctx_log)))
+        if mib > 0:
+            return int(mib * _MIB)
+        m = self._model
+        n_head = max(1, llama.llama_model_n_head(m))
+        head_dim = llama.llama_model_n_embd(m) // n_head
+        kv_width = 2 * head_dim * llama.llama_model_n_head_kv(m)  # K and V per layer
+        return int(self.n_ctx * llama.llama_model_n_layer(m) * kv_width * KV_BYTES_PER_VALUE)
+
+    def close(self) -> None:
+        """Free the context and the model."""
+        if self._ctx:
+            llama.llama_free(self._ctx)
+            self._ctx = 0
+        if self._model:
+            llama.llama_model_free(self._model)
+            self._model = 0
+
+    # ---- generation ----------------------------------------------------------------
+
+    def tokenize(self, prompt: str) -> int:
+        """Tokenize into the token buffer; return the count (may exceed the buffer)."""
+        raw = prompt.encode("utf-8")
+        cap = len(self._tokens)
+        n: int = llama.llama_tokenize(self._vocab, raw, len(raw), self._tokens, cap, True, True)
+        if n < 0:
+            return -n  # too long for the context: only the count matters
+        if n == 0:
+            bos = llama.llama_vocab_bos(self._vocab)
+            if bos >= 0:
+                self._tokens[0] = bos
+                return 1
+        return n
+
+    def _sampler(self, spec: GenerateSpec) -> int:
+        """A C sampler chain for this request (greedy at temperature 0)."""
+        chain: int = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
+        add = llama.llama_sampler_chain_add
+        if spec.temperature <= 0.0:
+            add(chain, llama.llama_sampler_init_greedy())
+            return chain
+        if spec.top_k > 0:
+            add(chain, llama.llama_sampler_init_top_k(spec.top_k))
+        if spec.top_p < 1.0:
+            add(chain, llama.llama_sampler_init_top_p(spec.top_p, 1))
+        add(chain, llama.llama_sampler_init_temp(spec.temperature))
+        seed = random.getrandbits(32) if spec.seed is None else spec.seed & 0xFFFFFFFF
+        add(chain, llama.llama_sampler_init_dist(seed))
+        return chain
+
+    def generate(self, spec: GenerateSpec, cancel: CancelFlag, sink: Sink) -> None:
+        """Run one request to its end, sending start/tokens and exactly one done or error."""
+        t_req = time.perf_counter()
+        n_prompt = self.tokenize(spec.prompt)
+        rid = spec.id
+        if n_prompt == 0:
+            sink.send(_error(rid, "invalid_request", "the prompt has no tokens"))
+            return
+        if n_prompt >= self.n_ctx:
+            msg = f"prompt is {n_prompt} tokens, the context holds {self.n_ctx}"
+            sink.send(_error(rid, "prompt_too_long", msg))
+            return
+        sink.send({"ev": "start", "id": rid, "prompt_tokens": n_prompt})
+        self._cancel = cancel
+        smpl = self._sampler(spec)
+        try:
+            rc = self._process_prompt(n_prompt, cancel)
+            if rc != 0 or cancel.cancelled:
+                if cancel.cancelled:
+                    sink.send(_done(rid, "cancelled", n_prompt, 0, 0.0, 0.0))
+                else:
+                    sink.send(_error(rid, "generation_failed", f"llama_decode returned {rc}"))
+                return
+            limit = min(spec.max_tokens, self.n_ctx - n_prompt)
+            self._decode_loop(spec, smpl, limit, n_prompt, t_req, cancel, sink)
+        finally:
+            llama.llama_sampler_free(smpl)
+            llama.llama_memory_clear(self._mem, False)
+
+    def _process_prompt(self, n_prompt: int, cancel: CancelFlag) -> int:
+        """Decode the prompt in n_batch chunks, abortable; return llama_decode's last code."""
+        ctx, step = self._ctx, self._n_batch
+        tokens = self._tokens
+        llama.llama_set_abort_callback(ctx, self._abort_cb, None)
+        try:
+            for start in range(0, n_prompt, step):
+                if cancel.cancelled:
+                    return 0
+                n = min(step, n_prompt - start)
+                chunk = (llama.llama_token * n).from_buffer(tokens, start * TOKEN_BYTES)
+                batch = llama.llama_batch_get_one(chunk, n)
+                rc: int = llama.llama_decode(ctx, batch)
+                if rc != 0:
+                    return rc
+            return 0
+        finally:
+            llama.llama_set_abort_callback(ctx, self._no_abort, None)
+
+    def _decode_loop(
+        self,
+        spec: GenerateSpec,
+        smpl: int,
+        limit: int,
+        n_prompt: int,
+        t_req: float,
+        cancel: CancelFlag,
+        sink: Sink,
+    ) -> None:
+        """Sample, stream and decode token by token until stop, length, cancel or error."""
+        ctx, rid = self._ctx, spec.id
+        sample, decode = llama.llama_sampler_sample, llama.llama_decode
+        pieces, clock = self._pieces, time.perf_counter
+        stream = TextStream(spec.stop)
+        push = stream.push
+        one = (llama.llama_token * 1)()
+        batch = llama.llama_batch_get_one(one, 1)  # points at `one`: reused every step
+        pending: list[str] = []
+        n_gen = 0
+        t_first = last_flush = 0.0
+        reason = "length"
+        while n_gen < limit:
+            tok: int = sample(smpl, ctx, -1)
+            try:
+                piece = pieces[tok]
+            except KeyError:
+                piece = self._piece(tok)
+            if not n_gen:
+                t_first = clock()
+            if piece is None:
+                reason = "stop"
+                break
+            n_gen += 1
+            text = push(piece)
+            if text:
+                pending.append(text)
+                now = clock()
+                if now - last_flush >= FLUSH_INTERVAL_S:  # the first text goes out at once
+                    last_flush = now
+                    sink.send({"ev": "tokens", "id": rid, "texts": pending})
+                    pending = []
+            if stream.stopped:
+                reason = "stop"
+                break
+            if cancel.cancelled:
+                reason = "cancelled"
+                break
+            if n_gen >= limit:
+                break
+            one[0] = tok
+            rc = decode(ctx, batch)
+            if rc != 0:
+                self._finish_error(sink, rid, pending, rc)
+                return
+        t_end = clock()
+        if reason != "cancelled":
+            tail = stream.finish()
+            if tail:
+                pending.append(tail)
+        events = [{"ev": "tokens", "id": rid, "texts": pending}] if pending else []
+        t_first = t_first or t_end
+        ttft_ms = (t_first - t_req) * 1000.0
+        gen_ms = (t_end - t_first) * 1000.0
+        events.append(_done(rid, reason, n_prompt, n_gen, ttft_ms, gen_ms))
+        sink.send(*events)
+
+    def _piece(self, tok: int) -> bytes | None:
+        """A token's bytes (None for end-of-generation), from llama.cpp, cached per token."""
+        piece: bytes | None
+        if llama.llama_vocab_is_eog(self._vocab, tok):
+            piece = None
+        else:
+            buf = self._piece_buf
+            n = llama.llama_token_to_piece(self._vocab, tok, buf, len(buf), 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = llama.llama_token_to_piece(self._vocab, tok, buf, len(buf), 0, False)
+            piece = buf.raw[: max(n, 0)]
+        self._pieces[tok] = piece
+        return piece
+
+    @staticmethod
+    def _finish_error(sink: Sink, rid: int, pending: list[str], rc: int) -> None:
+        """Flush what was generated, then report a failed decode."""
+        events = [{"ev": "tokens", "id": rid, "texts": pending}] if pending else []
+        events.append(_error(rid, "generation_failed", f"llama_decode returned {rc}"))
+        sink.send(*events)
+
+
+def _done(
+    rid: int, reason: str, n_prompt: int, n_gen: int, ttft_ms: float, gen_ms: float
+) -> dict[str, Any]:
+    """A `done` event: ttft_ms from receiving the request to the first text, gen_ms after it."""
+    return {
+        "ev": "done",
+        "id": rid,
+        "finish_reason": reason,
+        "prompt_tokens": n_prompt,
+        "completion_tokens": n_gen,
+        "ttft_ms": round(ttft_ms, 3),
+        "gen_ms": round(gen_ms, 3),
+    }
+
+
+def _error(rid: int, code: str, message: str) -> dict[str, Any]:
+    """An `error` event ending a generate."""
+    return {"ev": "error", "id": rid, "code": code, "message": message}

@@ -1,0 +1,318 @@
+"""The worker process: JSON lines on stdin, events on a private copy of stdout.
+
+Theory of operation: `main` first moves the protocol to a private fd and points fd 1 at
+stderr, so nothing printed by C or Python can corrupt it. It then imports llama.cpp and
+says `hello` (the daemon keeps a spare worker waiting here). A reader thread parses stdin:
+`cancel` and `shutdown` take effect at once by setting the running request's flag;
+`load` and `generate` are queued for the main thread, which runs them one at a time.
+A second `generate` while one is queued or running is answered `busy`. EOF on stdin acts
+as `shutdown`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import sys
+import threading
+import time
+import traceback
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from modeld.worker.engine import CancelFlag, Engine, GenerateSpec, LoadSpec
+
+__all__ = ["Channel", "main", "parse_generate", "parse_load"]
+
+READ_CHUNK = 1 << 16  # bytes per read of stdin; requests are small
+EXIT_LOAD_FAILED = 1  # exit status after `load_failed`
+EXIT_PIPE_GONE = 3  # exit status when the protocol pipe is closed (the daemon is gone)
+FLASH_ATTN_MODES = ("on", "off", "auto")
+_SHUTDOWN = object()  # queue item: leave the main loop
+
+
+class Channel:
+    """The protocol fd: one os.write per batch of events, under a lock (two threads write)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._lock = threading.Lock()
+        self._encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+    def send(self, *events: dict[str, Any]) -> None:
+        """Write the events as JSON lines in one go; exit if the daemon has gone away."""
+        data = "".join([self._encode(e) + "\n" for e in events]).encode("utf-8", "replace")
+        with self._lock:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self._fd, view) :]
+            except OSError:
+                os._exit(EXIT_PIPE_GONE)
+
+
+# ---- validation ----------------------------------------------------------------------
+
+
+def _int(obj: dict[str, Any], key: str, *, low: int | None = None) -> int:
+    value = obj.get(key)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{key} must be an integer")
+    if low is not None and value < low:
+        raise ValueError(f"{key} must be >= {low}")
+    return value
+
+
+def _float(obj: dict[str, Any], key: str) -> float:
+    value = obj.get(key)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise ValueError(f"{key} must be a number")
+    return float(value)
+
+
+def parse_load(obj: dict[str, Any]) -> LoadSpec:
+    """Validate a `load` op (ValueError says what is wrong)."""
+    from modeld.worker.engine import LoadSpec
+
+    path = obj.get("path")
+    if not isinstance(path, str) or not path:
+        raise ValueError("path must be a non-empty string")
+    flash = obj.get("flash_attn", "auto")
+    if flash not in FLASH_ATTN_MODES:
+        raise ValueError("flash_attn must be on, off or auto")
+    return LoadSpec(
+        path=path,
+        n_ctx=_int(obj, "n_ctx", low=0),
+        n_gpu_layers=_int(obj, "n_gpu_layers"),
+        threads=_int(obj, "threads", low=0) or len(os.sched_getaffinity(0)),
+        flash_attn=flash,
+        n_batch=_int(obj, "n_batch", low=1),
+    )
+
+
+def parse_generate(obj: dict[str, Any]) -> GenerateSpec:
+    """Validate a `generate` op (ValueError says what is wrong)."""
+    from modeld.worker.engine import GenerateSpec
+
+    prompt = obj.get("prompt")
+    if not isinstance(prompt, str):
+        raise ValueError("prompt must be a string")
+    stop = obj.get("stop") or []
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise ValueError("stop must be a list of strings")
+    seed = obj.get("seed")
+    if seed is not None:
+        seed = _int(obj, "seed", low=0)
+    temperature, top_p = _float(obj, "temperature"), _float(obj, "top_p")
+    if temperature < 0:
+        raise ValueError("temperature must be >= 0")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError("top_p must be in (0, 1]")
+    return GenerateSpec(
+        id=_int(obj, "id"),
+        prompt=prompt,
+        max_tokens=_int(obj, "max_tokens", low=1),
+        temperature=temperature,
+        top_p=top_p,
+        top_k=_int(obj, "top_k", low=0),
+        seed=seed,
+        stop=tuple(stop),
+    )
+
+
+# ---- the worker ----------------------------------------------------------------------
+
+
+class Worker:
+    """Owns the request queue, the running request's cancel flag and the engine."""
+
+    def __init__(self, chan: Channel) -> None:
+        self._chan = chan
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._current: tuple[int, CancelFlag] | None = None  # queued or running generate
+        self._engine: Engine | None = None
+        self._load_requested = False
+        self._loading = False  # the main thread is inside Engine.load
+
+    # -- reader thread --
+
+    def read_forever(self, fd: int) -> None:
+        """Reader thread: split stdin into lines until EOF (raw reads: no stdin lock at exit)."""
+        parts: list[bytes] = []  # the unfinished line, in pieces (a prompt may be megabytes)
+        while True:
+            try:
+                chunk = os.read(fd, READ_CHUNK)
+            except OSError:
+                break
+            if not chunk:
+                break
+            while (nl := chunk.find(b"\n")) >= 0:
+                parts.append(chunk[:nl])
+                self.on_line(b"".join(parts))
+                parts, chunk = [], chunk[nl + 1 :]
+            if chunk:
+                parts.append(chunk)
+        self._stop_everything()
+
+    def on_line(self, line: bytes) -> None:
+        """Handle one input line (reader thread)."""
+        if not line.strip():
+            return
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            _log("ignoring a line that is not JSON")
+            return
+        op = obj.get("op") if isinstance(obj, dict) else None
+        if op == "cancel":
+            self._cancel(obj.get("id"))
+        elif op == "generate":
+            self._enqueue_generate(obj)
+        elif op == "load":
+            self._enqueue_load(obj)
+        elif op == "shutdown":
+            self._stop_everything()
+        else:
+            _log(f"ignoring unknown op {op!r}")
+
+    def _cancel(self, rid: object) -> None:
+        with self._lock:
+            if self._current is not None and self._current[0] == rid:
+                self._current[1].cancelled = True
+
+    def _stop_everything(self) -> None:
+        """Shutdown or EOF: cancel the running request, then leave; a load is not waited for."""
+        with self._lock:
+            if self._current is not None:
+                self._current[1].cancelled = True
+            if self._loading:
+                _log("shutdown during load: exiting now")
+                os._exit(0)
+        self._queue.put(_SHUTDOWN)
+
+    def _enqueue_generate(self, obj: dict[str, Any]) -> None:
+        from modeld.worker.engine import CancelFlag
+
+        rid = obj.get("id")
+        if not isinstance(rid, int) or isinstance(rid, bool):
+            _log("ignoring a generate without an integer id")
+            return
+        try:
+            spec = parse_generate(obj)
+        except ValueError as exc:
+            self._chan.send(_error(rid, "invalid_request", str(exc)))
+            return
+        flag = CancelFlag()
+        with self._lock:
+            busy = self._current is not None
+            if not busy:
+                self._current = (rid, flag)
+        if busy:
+            self._chan.send(_error(rid, "busy", "another generation is running"))
+            return
+        self._queue.put((spec, flag))
+
+    def _enqueue_load(self, obj: dict[str, Any]) -> None:
+        if self._load_requested:
+            _log("ignoring a second load")
+            return
+        self._load_requested = True
+        try:
+            self._queue.put(parse_load(obj))
+        except ValueError as exc:
+            self._queue.put(exc)
+
+    # -- main thread --
+
+    def run(self) -> int:
+        """Main thread: run queued loads and generations; return the exit status."""
+        from modeld.worker.engine import LoadSpec
+
+        try:
+            while True:
+                item = self._queue.get()
+                if item is _SHUTDOWN:
+                    return 0
+                if isinstance(item, ValueError):
+                    self._chan.send({"ev": "load_failed", "message": f"bad load request: {item}"})
+                    return EXIT_LOAD_FAILED
+                if isinstance(item, LoadSpec):
+                    if not self._load(item):
+                        return EXIT_LOAD_FAILED
+                elif isinstance(item, tuple):
+                    self._generate(*item)
+        finally:
+            if self._engine is not None:
+                self._engine.close()
+
+    def _load(self, spec: LoadSpec) -> bool:
+        from modeld.worker.engine import Engine, LoadError
+
+        with self._lock:
+            self._loading = True
+        try:
+            self._engine, info = Engine.load(spec)
+        except LoadError as exc:
+            self._chan.send({"ev": "load_failed", "message": str(exc)})
+            return False
+        except Exception as exc:  # a bug: still answer, without the path
+            traceback.print_exc()
+            self._chan.send({"ev": "load_failed", "message": f"worker error: {type(exc).__name__}"})
+            return False
+        finally:
+            with self._lock:
+                self._loading = False
+        self._chan.send({"ev": "loaded", **info})
+        return True
+
+    def _generate(self, spec: GenerateSpec, flag: CancelFlag) -> None:
+        try:
+            if self._engine is None:
+                self.send(_error(spec.id, "invalid_request", "no model is loaded"))
+            else:
+                self._engine.generate(spec, flag, self)
+        except Exception as exc:  # a bug here must end the request, not the worker
+            traceback.print_exc()
+            with self._lock:
+                unanswered = self._current is not None and self._current[1] is flag
+            if unanswered:
+                self.send(_error(spec.id, "generation_failed", f"worker error: {exc!r}"))
+        finally:
+            with self._lock:
+                if self._current is not None and self._current[1] is flag:
+                    self._current = None
+
+    def send(self, *events: dict[str, Any]) -> None:
+        """The engine's sink: frees the busy slot before the final event goes out."""
+        if events[-1]["ev"] in ("done", "error"):
+            with self._lock:
+                self._current = None
+        self._chan.send(*events)
+
+
+def _error(rid: int, code: str, message: str) -> dict[str, Any]:
+    return {"ev": "error", "id": rid, "code": code, "message": message}
+
+
+def _log(message: str) -> None:
+    """One line to stderr (the daemon's debug log)."""
+    sys.stderr.write(f"modeld.worker[{os.getpid()}]: {message}\n")
+    sys.stderr.flush()
+
+
+def main() -> int:
+    """Run the worker; the return value is the process exit status."""
+    proto_fd = os.dup(1)  # the protocol's private fd
+    os.dup2(2, 1)  # stray prints (C or Python) now land in stderr
+    t0 = time.perf_counter()
+    from modeld.worker import engine  # after the fd swap: loading llama.cpp may print
+
+    engine.init_backend(debug=os.environ.get("MODELD_WORKER_DEBUG") == "1")
+    chan = Channel(proto_fd)
+    worker = Worker(chan)
+    threading.Thread(target=worker.read_forever, args=(0,), name="stdin", daemon=True).start()
+    import_ms = (time.perf_counter() - t0) * 1000.0
+    chan.send({"ev": "hello", "pid": os.getpid(), "import_ms": round(import_ms, 3)})
+    return worker.run()

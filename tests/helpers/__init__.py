@@ -1,0 +1,1 @@
+"""Shared test helpers: a real-daemon runner and a small HTTP client."""

@@ -1,0 +1,262 @@
+"""Manager behaviour with a fake backend on trio's MockClock: deterministic and fast."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import pytest
+import trio.testing
+
+from modeld.errors import (
+    InsufficientVram,
+    ModelLoadFailed,
+    Overloaded,
+    QueueFull,
+    QueueTimeout,
+)
+from modeld.manager.backend import Finished, GenParams, Tokens
+from modeld.manager.manager import Manager, ManagerConfig
+from modeld.manager.states import State
+from tests.unit.manager.fakes import FakeBackend, spec
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> tuple[str, dict[str, Any]]:
+    return ("trio", {"clock": trio.testing.MockClock(autojump_threshold=0)})
+
+
+@asynccontextmanager
+async def running(backend: FakeBackend, **cfg: Any) -> AsyncIterator[Manager]:
+    config = ManagerConfig(budget_mb=cfg.pop("budget_mb", 1000), margin_mb=cfg.pop("margin_mb", 0), **cfg)
+    manager = Manager(backend, config)
+    async with anyio.create_task_group() as tg:
+        await tg.start(manager.run)
+        yield manager
+        await manager.shutdown()
+        tg.cancel_scope.cancel()
+
+
+async def generate(manager: Manager, model_id: str, tokens: int = 3, hold: anyio.Event | None = None,
+                   log: list[str] | None = None, tag: str = "", mb: int = 0) -> list[str]:
+    out: list[str] = []
+    mb = mb or manager.backend.sizes.get(model_id, 100)  # type: ignore[attr-defined]
+    async with manager.acquire(spec(model_id, mb)) as lease:
+        if log is not None:
+            log.append(tag)
+        if hold is not None:
+            await hold.wait()
+        async with lease.generate(GenParams("hi", max_tokens=tokens)) as gen:
+            while True:
+                ev = await gen.next()
+                if isinstance(ev, Tokens):
+                    out.extend(ev.texts)
+                if isinstance(ev, Finished):
+                    return out
+
+
+async def settle() -> None:
+    await anyio.sleep(0.001)
+    await trio.testing.wait_all_tasks_blocked()
+
+
+async def test_single_flight_load_and_fifo_order() -> None:
+    backend = FakeBackend()
+    order: list[str] = []
+    async with running(backend) as m, anyio.create_task_group() as tg:
+        for i in range(20):
+            tg.start_soon(generate, m, "a", 2, None, order, str(i))
+            await settle()  # so enqueue order is 0..19
+    assert backend.loads == ["a"]
+    assert order == [str(i) for i in range(20)]
+    assert m.instances["a"].loads == 1
+
+
+async def test_state_sequence_load_ready_unload() -> None:
+    backend = FakeBackend()
+    seen: list[State] = []
+    async with running(backend) as m:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(generate, m, "a")
+            for _ in range(200):
+                inst = m.instances.get("a")
+                if inst is not None and (not seen or seen[-1] != inst.state):
+                    seen.append(inst.state)
+                await anyio.sleep(0.01)
+        await m.shutdown()
+        seen.append(m.instances["a"].state)
+    assert seen == [State.LOADING, State.READY, State.UNLOADED]
+
+
+async def test_queue_depth_limit_answers_429_with_a_hint() -> None:
+    backend = FakeBackend()
+    hold = anyio.Event()
+    async with running(backend, max_queue_depth=2) as m, anyio.create_task_group() as tg:
+        tg.start_soon(generate, m, "a", 3, hold)
+        await settle()
+        await anyio.sleep(1)  # loaded, first one holds the instance
+        tg.start_soon(generate, m, "a")
+        tg.start_soon(generate, m, "a")
+        await settle()
+        with pytest.raises(QueueFull) as err:
+            await generate(m, "a")
+        assert err.value.retry_after_ms >= 1
+        assert err.value.headers()[0][0] == "Retry-After"
+        assert m.rejected["queue_full"] == 1
+        hold.set()
+
+
+async def test_max_wait_expires_with_queue_timeout() -> None:
+    backend = FakeBackend()
+    hold = anyio.Event()
+    async with running(backend, max_wait_ms=300) as m, anyio.create_task_group() as tg:
+        tg.start_soon(generate, m, "a", 3, hold)
+        await anyio.sleep(1)
+        start = anyio.current_time()
+        with pytest.raises(QueueTimeout):
+            await generate(m, "a")
+        assert anyio.current_time() - start == pytest.approx(0.3, abs=0.01)
+        assert m.instances["a"].queue == type(m.instances["a"].queue)()
+        hold.set()
+
+
+async def test_global_inflight_cap_rejects_early() -> None:
+    backend = FakeBackend()
+    hold = anyio.Event()
+    async with running(backend, max_inflight=1) as m, anyio.create_task_group() as tg:
+        tg.start_soon(generate, m, "a", 3, hold)
+        await anyio.sleep(1)
+        with pytest.raises(Overloaded):
+            await generate(m, "b")
+        assert "b" not in backend.loads
+        hold.set()
+
+
+async def test_cancelled_waiter_leaves_the_queue_at_once() -> None:
+    backend = FakeBackend()
+    hold = anyio.Event()
+    async with running(backend) as m, anyio.create_task_group() as tg:
+        tg.start_soon(generate, m, "a", 3, hold)
+        await anyio.sleep(1)
+        with anyio.CancelScope() as scope:
+            tg.start_soon(_cancel_later, scope, 0.2)
+            await generate(m, "a")
+        assert m.status()["instances"][0]["queue_depth"] == 0
+        hold.set()
+
+
+async def _cancel_later(scope: anyio.CancelScope, after: float) -> None:
+    await anyio.sleep(after)
+    scope.cancel()
+
+
+async def test_cancellation_reaches_the_backend() -> None:
+    backend = FakeBackend()
+    backend.token_delay_s = 0.1
+    async with running(backend) as m:
+        with anyio.move_on_after(1.0):
+            await generate(m, "a", tokens=1000)
+        await settle()
+        assert backend.cancelled == ["a"]
+        assert m.instances["a"].inflight == 0
+        assert await generate(m, "a", tokens=2) == ["t1", "t2"]  # the instance is free again
+
+
+async def test_failed_load_then_retry_with_backoff() -> None:
+    backend = FakeBackend()
+    backend.fail_next = 1
+    async with running(backend) as m:
+        with pytest.raises(ModelLoadFailed, match="bad magic"):
+            await generate(m, "a")
+        assert m.instances["a"].state is State.ERROR
+        assert m.instances["a"].error == "bad magic"
+        with pytest.raises(ModelLoadFailed, match="next retry"):
+            await generate(m, "a")  # inside the backoff: no second load
+        assert backend.loads == ["a"]
+        await anyio.sleep(1.1)
+        assert await generate(m, "a", tokens=1) == ["t1"]
+        assert backend.loads == ["a", "a"]
+        assert m.instances["a"].error is None
+
+
+async def test_lru_eviction_of_idle_instances() -> None:
+    backend = FakeBackend({"a": 400, "b": 400, "c": 400})
+    async with running(backend, budget_mb=1000, margin_mb=100) as m:
+        for model in ("a", "b", "c"):
+            await generate(m, model)
+            assert m.used_mb <= 900
+        assert backend.closed == ["a"]
+        states = {i.model_id: i.state for i in m.instances.values()}
+        assert states == {"a": State.UNLOADED, "b": State.READY, "c": State.READY}
+
+
+async def test_eviction_never_touches_busy_instances_and_the_load_waits() -> None:
+    backend = FakeBackend({"a": 400, "b": 400, "c": 400})
+    hold_a, hold_b = anyio.Event(), anyio.Event()
+    async with running(backend, budget_mb=1000, margin_mb=100) as m, anyio.create_task_group() as tg:
+        tg.start_soon(generate, m, "a", 3, hold_a)
+        tg.start_soon(generate, m, "b", 3, hold_b)
+        await anyio.sleep(2)
+        done: list[str] = []
+
+        async def c() -> None:
+            done.extend(await generate(m, "c", 1))
+
+        tg.start_soon(c)
+        await anyio.sleep(2)
+        assert backend.closed == [] and "c" not in backend.loads
+        assert m.status()["instances"][2]["queue_depth"] == 1
+        hold_b.set()
+        await anyio.sleep(2)
+        assert backend.closed == ["b"]
+        assert done == ["t1"]
+        hold_a.set()
+
+
+async def test_too_large_model_is_refused_at_once() -> None:
+    backend = FakeBackend()
+    async with running(backend, budget_mb=1000, margin_mb=100) as m:
+        with pytest.raises(InsufficientVram, match="901 MB"):
+            async with m.acquire(spec("huge", 901)):
+                pass
+        assert backend.loads == []
+
+
+async def test_pinned_instance_is_not_evicted() -> None:
+    backend = FakeBackend({"a": 500, "b": 500})
+    async with running(backend, budget_mb=1000, margin_mb=100, pinned=frozenset({"a"}),
+                       max_wait_ms=2000) as m:
+        await generate(m, "a")
+        with pytest.raises(QueueTimeout):
+            await generate(m, "b")
+        assert backend.closed == []
+
+
+async def test_idle_unload() -> None:
+    backend = FakeBackend()
+    async with running(backend, idle_unload_s=10) as m:
+        await generate(m, "a")
+        await anyio.sleep(5)
+        assert m.instances["a"].state is State.READY
+        await anyio.sleep(7)
+        assert m.instances["a"].state is State.UNLOADED
+
+
+async def test_worker_exit_unloads_and_the_next_request_reloads() -> None:
+    backend = FakeBackend()
+    async with running(backend) as m:
+        await generate(m, "a")
+        model = m.instances["a"].handle
+        assert model is not None
+        model.on_exit("worker killed by SIGKILL")  # type: ignore[attr-defined]
+        await anyio.sleep(1)
+        assert m.instances["a"].state is State.UNLOADED
+        await generate(m, "a")
+        assert backend.loads == ["a", "a"]
+
+
+_ = (Awaitable, Callable)
