@@ -110,10 +110,10 @@ def vram_bar(vram: Vram, width: int = BAR_WIDTH) -> Text:
     text.append("▒" * margin_cells, style="dim red")
     text.append(f" {used} / {budget} MB used")
     available = vram.available_mb if vram.available_mb is not None else budget - margin - used
-    details = f"margin {margin} MB, {available} MB available"
+    details = f"margin {margin} MB · {available} MB available"
     if vram.source:
-        details += f", budget from {vram.source}"
-    text.append(f"  ({details})", style="dim")
+        details += f" · budget from {vram.source}"
+    text.append(f"\n     {details}", style="dim")
     return text
 
 
@@ -168,7 +168,8 @@ def outcome_line(outcome: Outcome) -> Text:
     """The dim line after a generation: tokens, tokens/s, time to first token."""
     parts: list[str] = []
     if outcome.completion_tokens is not None:
-        parts.append(f"{outcome.completion_tokens} tokens")
+        n = outcome.completion_tokens
+        parts.append(f"{n} token" if n == 1 else f"{n} tokens")
     rate = outcome.tokens_per_second()
     if rate is not None:
         parts.append(f"{rate:.1f} tokens/s")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import anyio
 import anyio.abc
+import anyio.streams.stapled
 
 from modeld.api.app import App, AppState
 from modeld.config import Config
@@ -98,7 +99,12 @@ async def _open_listeners(cfg: Config) -> list[OpenListener]:
             for item in out:
                 await item.listener.aclose()
             raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-        out.append(OpenListener(listener, ConnInfo("tcp", _is_loopback(host)), f"tcp:{host}:{port}"))
+        subs = listener.listeners if isinstance(listener, anyio.streams.stapled.MultiListener) else [listener]
+        for sub in subs:
+            assert isinstance(sub, anyio.abc.SocketListener)
+            addr = sub.extra(anyio.abc.SocketAttribute.local_address)
+            label = f"tcp:[{addr[0]}]:{addr[1]}" if ":" in str(addr[0]) else f"tcp:{addr[0]}:{addr[1]}"
+            out.append(OpenListener(sub, ConnInfo("tcp", _is_loopback(str(addr[0]))), label))
     if not out:
         raise StartupError("no listener: give --socket and/or --listen")
     return out

@@ -68,14 +68,14 @@ class _Layout:
         pos = 24
         self.kvs: list[_KV] = []
         for _ in range(self.n_kv):
-            key, type_at = self._string(pos)
+            key, type_at = self.read_string(pos)
             (vtype,) = _U32.unpack_from(buf, type_at)
             end = self._skip_value(vtype, type_at + 4)
             self.kvs.append(_KV(key, pos, type_at, type_at + 4, end))
             pos = end
         self.tis: list[_TI] = []
         for _ in range(self.n_tensors):
-            name, ndims_at = self._string(pos)
+            name, ndims_at = self.read_string(pos)
             (ndims,) = _U32.unpack_from(buf, ndims_at)
             type_at = ndims_at + 4 + 8 * ndims
             self.tis.append(_TI(name, pos, ndims_at, type_at, type_at + 4, type_at + 12))
@@ -83,7 +83,7 @@ class _Layout:
         self.ti_end = pos
         self.data_start = -(-pos // ALIGN) * ALIGN
 
-    def _string(self, pos: int) -> tuple[str, int]:
+    def read_string(self, pos: int) -> tuple[str, int]:
         """Decode the GGUF string at pos; return it and the offset just after it."""
         (n,) = _U64.unpack_from(self.buf, pos)
         return self.buf[pos + 8 : pos + 8 + n].decode("utf-8"), pos + 8 + n
@@ -91,7 +91,7 @@ class _Layout:
     def _skip_value(self, vtype: int, pos: int) -> int:
         """Offset just after a value of type vtype starting at pos."""
         if vtype == _STRING:
-            return self._string(pos)[1]
+            return self.read_string(pos)[1]
         if vtype == _ARRAY:
             (etype,) = _U32.unpack_from(self.buf, pos)
             (count,) = _U64.unpack_from(self.buf, pos + 4)
@@ -202,8 +202,11 @@ def _header_mutants(lay: _Layout) -> list[tuple[bytes, str]]:
         (lay.assemble(_splice(kvs, i_arch, nope)), "unknown architecture 'nope'"),
         (lay.assemble([*kvs, kvs[i_arch]]), "duplicate key general.architecture"),
         (lay.assemble([*kvs, align_kv]), "general.alignment 48 (not a power of two)"),
-        (lay.assemble(_splice(kvs, i_name, name_kv)), "general.name not UTF-8"),
-        (lay.assemble(_splice(kvs, i_tok, _dup_tokens(lay))), "duplicate vocab"),
+        (
+            lay.assemble(_splice(kvs, i_name, name_kv)),
+            "general.name not UTF-8 (loads)",
+        ),
+        (lay.assemble(_splice(kvs, i_tok, _dup_tokens(lay))), "duplicate vocab (llama.cpp aborts)"),
     ]
 
 
@@ -213,7 +216,7 @@ def _dup_tokens(lay: _Layout) -> bytes:
     (count,) = _U64.unpack_from(lay.buf, kv.value_at + 4)
     pos, pieces = kv.value_at + 12, []
     for _ in range(count):
-        piece, pos = lay._string(pos)
+        piece, pos = lay.read_string(pos)
         pieces.append(piece)
     pieces[-10:] = pieces[-20:-10]
     head = _gstr(kv.key) + _U32.pack(_ARRAY) + _U32.pack(_STRING) + _U64.pack(count)
@@ -252,7 +255,8 @@ def _flips(lay: _Layout) -> list[tuple[bytes, str]]:
     out = []
     for label, lo, hi in regions:
         for n in (8, 64):
-            out.append((_flip(b, rng, lo, hi, n), f"{n} random byte flips in the {label}"))
+            why = f"{n} random byte flips in the {label}"
+            out.append((_flip(b, rng, lo, hi, n), why + " (loads)" * (label == "tensor data")))
     out.append((_flip(b, rng, 0, size, 256), "256 random byte flips anywhere"))
     return out
 
@@ -270,12 +274,20 @@ def _special(directory: Path) -> list[tuple[Path, str]]:
         ),
     ]
     for path, _, make in made:
+        if path.is_dir() and not path.is_symlink():
+            path.rmdir()
+        elif os.path.lexists(path):
+            path.unlink()
         make(path)
     return [(path, desc) for path, desc, _ in made]
 
 
 def make_corpus(dir: Path, base: Path) -> list[tuple[Path, str]]:
-    """Write malformed GGUF files derived from the valid base into dir; return (path, why)."""
+    """Write malformed GGUF files derived from the valid base into dir; return (path, why).
+
+    Descriptions say "(loads)" for the few files llama.cpp accepts (a loader must still cope)
+    and "(llama.cpp aborts)" for the one that kills the process through GGML_ASSERT.
+    """
     dir.mkdir(parents=True, exist_ok=True)
     lay = _Layout(base.read_bytes())
     blobs = [(lay.buf[:n], why) for n, why in _truncations(lay)]

@@ -178,6 +178,18 @@ def _check_shape(n_embd: int, n_head: int, n_head_kv: int, n_ff: int, dtype: str
         raise ValueError(f"q8_0 needs n_embd and n_ff to be multiples of {_FF_STEP}")
 
 
+@dataclass(frozen=True)
+class _Shape:
+    """The llama hyper-parameters of one file; n_ff includes the padding units."""
+
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    n_ff: int
+    n_ctx_train: int
+
+
 def write_tiny_llama(
     path: Path | str,
     *,
@@ -196,8 +208,6 @@ def write_tiny_llama(
 ) -> Path:
     """Write a tiny random llama GGUF to path (atomically) and return the path."""
     _check_shape(n_embd, n_head, n_head_kv, n_ff, dtype)
-    path = Path(path)
-    dt = _DTYPES[dtype]
     vocab = build_vocab(min_text=2 * n_embd)
     n_pad = pad_ff(pad_mb, n_layer=n_layer, n_embd=n_embd, dtype=dtype)
     rng = np.random.default_rng(seed)
@@ -210,34 +220,42 @@ def write_tiny_llama(
     n_kv = n_embd // n_head * n_head_kv
     for i in range(n_layer):
         tensors.update(_layer_tensors(rng, pad_rng, i, (n_embd, n_kv, n_ff, n_pad)))
-
+    shape = _Shape(n_layer, n_embd, n_head, n_head_kv, n_ff + n_pad, n_ctx_train)
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     writer = gguf.GGUFWriter(tmp, "llama")
     writer.add_name(name or f"tiny-llama-s{seed}")
-    writer.add_file_type(dt.file_type)
-    writer.add_context_length(n_ctx_train)
-    writer.add_embedding_length(n_embd)
-    writer.add_block_count(n_layer)
-    writer.add_feed_forward_length(n_ff + n_pad)
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_head_kv)
-    writer.add_rope_dimension_count(n_embd // n_head)
-    writer.add_rope_freq_base(_ROPE_BASE)
-    writer.add_layer_norm_rms_eps(_RMS_EPS)
-    writer.add_vocab_size(len(vocab.tokens))
+    _add_hparams(writer, shape, _DTYPES[dtype], len(vocab.tokens))
     _add_tokenizer(writer, vocab, chat_template)
     for tname, arr in tensors.items():
-        data = _encode(arr, dt)
-        raw = None if data is arr else dt.qtype
-        writer.add_tensor(tname, data, raw_dtype=raw)
+        data = _encode(arr, _DTYPES[dtype])
+        writer.add_tensor(tname, data, raw_dtype=None if data is arr else _DTYPES[dtype].qtype)
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
-    finally:
         writer.close()
-    os.replace(tmp, path)
+        os.replace(tmp, path)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
     return path
+
+
+def _add_hparams(writer: Any, shape: _Shape, dt: _DType, n_vocab: int) -> None:
+    """Write the llama.* hyper-parameter keys llama.cpp reads for this architecture."""
+    writer.add_file_type(dt.file_type)
+    writer.add_context_length(shape.n_ctx_train)
+    writer.add_embedding_length(shape.n_embd)
+    writer.add_block_count(shape.n_layer)
+    writer.add_feed_forward_length(shape.n_ff)
+    writer.add_head_count(shape.n_head)
+    writer.add_head_count_kv(shape.n_head_kv)
+    writer.add_rope_dimension_count(shape.n_embd // shape.n_head)
+    writer.add_rope_freq_base(_ROPE_BASE)
+    writer.add_layer_norm_rms_eps(_RMS_EPS)
+    writer.add_vocab_size(n_vocab)
 
 
 def _add_tokenizer(writer: Any, vocab: TinyVocab, chat_template: str | None) -> None:

@@ -24,7 +24,7 @@ COMPUTE_FIXED_FLOATS = 4096
 FFN_VECTORS = 3  # gate, up and their product are live together in the SwiGLU FFN
 # CUDA: context, cuBLAS workspace, memory pools and llama.cpp's own device buffers; fitted
 # to the H200 table in docs/vram.md (measured 550-700 MiB before weights, KV and compute).
-GPU_OVERHEAD_MB = 665
+GPU_OVERHEAD_MB = 660
 # CPU: RSS of a Python process with llama_cpp imported that loaded a 0.3 MB model and
 # generated 16 tokens (51.5 MiB measured, see docs/vram.md), rounded up for the worker's
 # own modules.

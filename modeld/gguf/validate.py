@@ -28,6 +28,7 @@ MAX_TENSOR_NAME = 63  # GGML_MAX_NAME is 64 bytes including the NUL
 MAX_ELEMENTS = 1 << 50  # far above any real tensor, low enough that sizes stay sane
 MAX_ARRAY_DEPTH = 4  # nested arrays are legal but no real file nests deeper than 2
 KEEP_ITEMS = 1024  # numeric arrays up to this long are decoded (per-layer head counts)
+TOKENS_KEY = "tokenizer.ggml.tokens"  # must hold no repeats: llama.cpp asserts on one
 READ_CHUNK = 1 << 20  # metadata is read in 1 MiB preads: few syscalls, bounded memory
 
 # GGUF value type ids (gguf.GGUFValueType), and the struct format of each scalar one.
@@ -178,6 +179,7 @@ class _Reader:
         self.pos += n
 
     def string(self, limit: int, what: str, *, strict: bool = True) -> str:
+        """A length-prefixed UTF-8 string; values decode leniently, as llama.cpp reads them."""
         n = self.u64(what)
         if n > limit:
             raise InvalidModelFile(f"string too long in {what} ({n} bytes)")
@@ -192,27 +194,75 @@ class _Reader:
     def skip_strings(self, count: int, limit: int, what: str) -> None:
         """Walk count length-prefixed strings without decoding them (the hot loop)."""
         unpack = _U64.unpack_from
-        buf, pos = self.buf, self.pos
-        for _ in range(count):
-            if pos + 8 > len(buf):
+        buf, pos, done = self.buf, self.pos, 0
+        while done < count:
+            last = len(buf) - 8  # walk what the buffer holds, then refill
+            while done < count and pos <= last:
+                n = unpack(buf, pos)[0]
+                if n > limit:
+                    raise InvalidModelFile(f"string too long in {what} ({n} bytes)")
+                pos += 8 + n
+                done += 1
+            if done < count:
                 self.pos = pos
                 self.fill(8, what)
                 buf, pos = self.buf, self.pos
-            (n,) = unpack(buf, pos)
-            if n > limit:
-                raise InvalidModelFile(f"string too long in {what} ({n} bytes)")
-            pos += 8 + n
         self.pos = pos
         if self.tell() > self.size:
             raise InvalidModelFile(f"truncated in {what}")
 
+    def raw_strings(self, count: int, limit: int, what: str) -> list[bytes]:
+        """count length-prefixed strings as raw bytes (for the repeat check on tokens)."""
+        unpack = _U64.unpack_from
+        out: list[bytes] = []
+        append = out.append
+        buf, pos = self.buf, self.pos
+        while len(out) < count:
+            last = len(buf) - 8
+            while len(out) < count and pos <= last:
+                n = unpack(buf, pos)[0]
+                end = pos + 8 + n
+                if n > limit or end > len(buf):
+                    break
+                append(buf[pos + 8 : end])
+                pos = end
+            if len(out) < count:
+                self.pos = pos
+                self.fill(8, what)
+                n = unpack(self.buf, self.pos)[0]
+                if n > limit:
+                    raise InvalidModelFile(f"string too long in {what} ({n} bytes)")
+                self.fill(8 + n, what)
+                buf, pos = self.buf, self.pos
+        self.pos = pos
+        return out
 
-def _read_array(r: _Reader, lim: Limits, what: str, depth: int) -> ArrayValue:
+
+def _first_repeat(items: list[bytes]) -> int:
+    """Index of the first item equal to an earlier one, or -1."""
+    if len(set(items)) == len(items):
+        return -1
+    seen: set[bytes] = set()
+    for i, item in enumerate(items):
+        if item in seen:
+            return i
+        seen.add(item)
+    return -1  # pragma: no cover - the set sizes said there is one
+
+
+def _read_array(
+    r: _Reader, lim: Limits, what: str, depth: int, *, unique: bool = False
+) -> ArrayValue:
     elem_type = r.u32(what)
     count = r.u64(what)
     if count > lim.max_array:
         raise InvalidModelFile(f"array too long in {what} ({count} items)")
     if elem_type == T_STRING:
+        if unique:
+            repeat = _first_repeat(r.raw_strings(count, lim.max_string, what))
+            if repeat >= 0:
+                raise InvalidModelFile(f"repeated string {repeat} in {what}")
+            return ArrayValue(elem_type, count)
         if count <= 16:
             items = tuple(r.string(lim.max_string, what, strict=False) for _ in range(count))
             return ArrayValue(elem_type, count, items)
@@ -239,11 +289,12 @@ def _read_array(r: _Reader, lim: Limits, what: str, depth: int) -> ArrayValue:
     return ArrayValue(elem_type, count, values)
 
 
-def _read_value(r: _Reader, vtype: int, lim: Limits, what: str) -> Value:
+def _read_value(r: _Reader, vtype: int, lim: Limits, key: str) -> Value:
+    what = f"value of {key!r}"
     if vtype == T_STRING:
         return r.string(lim.max_string, what, strict=False)
     if vtype == T_ARRAY:
-        return _read_array(r, lim, what, 1)
+        return _read_array(r, lim, what, 1, unique=key == TOKENS_KEY)
     st = _SCALARS.get(vtype)
     if st is None:
         raise InvalidModelFile(f"unknown value type {vtype} in {what}")
@@ -255,11 +306,12 @@ def _read_fields(r: _Reader, count: int, lim: Limits) -> dict[str, Field]:
     fields: dict[str, Field] = {}
     for i in range(count):
         key = r.string(lim.max_string, f"key {i}")
+        if not key:
+            raise InvalidModelFile(f"key {i} is empty")
         if key in fields:
             raise InvalidModelFile(f"duplicate key {key!r}")
-        what = f"value of {key!r}"
-        vtype = r.u32(what)
-        fields[key] = Field(vtype, _read_value(r, vtype, lim, what))
+        vtype = r.u32(f"value of {key!r}")
+        fields[key] = Field(vtype, _read_value(r, vtype, lim, key))
     return fields
 
 

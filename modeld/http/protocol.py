@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from http import HTTPStatus
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -191,7 +192,12 @@ class ServerConnection:
         all_headers = [SERVER_HEADER, *headers]
         if close or self._h11.their_state is h11.ERROR or self._head is not None:
             all_headers.append(("Connection", "close"))
-        return self._h11.send(h11.Response(status_code=status, headers=all_headers)) or b""
+        try:
+            reason = HTTPStatus(status).phrase.encode()
+        except ValueError:
+            reason = b""
+        response = h11.Response(status_code=status, headers=all_headers, reason=reason)
+        return self._h11.send(response) or b""
 
     def data(self, data: bytes) -> bytes:
         if not data:

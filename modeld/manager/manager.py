@@ -86,6 +86,7 @@ class Instance:
     failures: int = 0
     retry_at: float = 0.0
     gen_ms: float | None = None  # running average of generation times
+    load_done: anyio.Event | None = None  # set when the load under way ends
 
     @property
     def model_id(self) -> str:
@@ -162,8 +163,7 @@ class Manager:
         inst.queue.append(waiter)
         self._pump()
         try:
-            with anyio.move_on_after(self.config.max_wait_ms / 1000):
-                await waiter.event.wait()
+            await self._wait_turn(inst, waiter)
             if not waiter.granted:
                 if waiter.error is not None:
                     raise waiter.error
@@ -182,6 +182,24 @@ class Manager:
             yield lease
         finally:
             self._release(inst, (anyio.current_time() - started) * 1000)
+
+    async def _wait_turn(self, inst: Instance, waiter: Waiter) -> None:
+        """Wait until granted, failed, or `max_wait_ms` spent waiting.
+
+        Time spent loading the model itself is not waiting: a request that triggered a
+        slow load is not timed out by it; waiting for a turn or for room to load is.
+        """
+        max_wait = self.config.max_wait_ms / 1000
+        while not waiter.event.is_set():
+            loaded = inst.load_done
+            if inst.state is State.LOADING and loaded is not None:
+                await loaded.wait()
+                continue
+            remaining = waiter.enqueued_at + waiter.load_ms / 1000 + max_wait - anyio.current_time()
+            if remaining <= 0:
+                return
+            with anyio.move_on_after(remaining):
+                await waiter.event.wait()
 
     def _admit(self, inst: Instance) -> None:
         """Say no early: shutting down, too large, overloaded, queue full, load backoff."""
@@ -283,6 +301,7 @@ class Manager:
             )
         elif isinstance(decision, Load) and not decision.evict:
             inst.move(State.LOADING)
+            inst.load_done = anyio.Event()
             self._spawn(self._load, inst)
         elif isinstance(decision, Load):
             for model_id in decision.evict:
@@ -298,6 +317,14 @@ class Manager:
         self._tg.start_soon(fn, *args)
 
     async def _load(self, inst: Instance) -> None:
+        try:
+            await self._do_load(inst)
+        finally:
+            if inst.load_done is not None:
+                inst.load_done.set()
+                inst.load_done = None
+
+    async def _do_load(self, inst: Instance) -> None:
         started = anyio.current_time()
         try:
             handle = await self.backend.load(

@@ -39,7 +39,7 @@ LOG_ERROR_LEVEL = 4  # GGML_LOG_LEVEL_ERROR: the only llama.cpp logs kept when n
 LOG_CONT_LEVEL = 5  # GGML_LOG_LEVEL_CONT: continuation of the previous message
 TOKEN_BYTES = ctypes.sizeof(llama.llama_token)  # stride of the token buffer
 KV_BYTES_PER_VALUE = 2  # default K/V cache type is f16
-FLASH_ATTN = {
+FLASH_ATTN = {  # the load op's flash_attn values, as llama.cpp's enum
     "auto": llama.LLAMA_FLASH_ATTN_TYPE_AUTO,
     "on": llama.LLAMA_FLASH_ATTN_TYPE_ENABLED,
     "off": llama.LLAMA_FLASH_ATTN_TYPE_DISABLED,
@@ -298,11 +298,11 @@ class Engine:
         smpl = self._sampler(spec)
         try:
             rc = self._process_prompt(n_prompt, cancel)
-            if rc != 0 or cancel.cancelled:
-                if cancel.cancelled:
-                    sink.send(_done(rid, "cancelled", n_prompt, 0, 0.0, 0.0))
-                else:
-                    sink.send(_error(rid, "generation_failed", f"llama_decode returned {rc}"))
+            if cancel.cancelled:  # between chunks, or inside one (llama_decode returned 2)
+                sink.send(_done(rid, "cancelled", n_prompt, 0, 0.0, 0.0))
+                return
+            if rc != 0:
+                sink.send(_error(rid, "generation_failed", f"llama_decode returned {rc}"))
                 return
             limit = min(spec.max_tokens, self.n_ctx - n_prompt)
             self._decode_loop(spec, smpl, limit, n_prompt, t_req, cancel, sink)

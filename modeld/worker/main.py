@@ -1,12 +1,13 @@
 """The worker process: JSON lines on stdin, events on a private copy of stdout.
 
-Theory of operation: `main` first moves the protocol to a private fd and points fd 1 at
-stderr, so nothing printed by C or Python can corrupt it. It then imports llama.cpp and
-says `hello` (the daemon keeps a spare worker waiting here). A reader thread parses stdin:
-`cancel` and `shutdown` take effect at once by setting the running request's flag;
-`load` and `generate` are queued for the main thread, which runs them one at a time.
-A second `generate` while one is queued or running is answered `busy`. EOF on stdin acts
-as `shutdown`.
+Theory of operation: `__main__` first moves the protocol to a private fd and points fd 1
+at stderr, so nothing printed by C or Python can corrupt it; only then is this module (and
+llama.cpp with it) imported. `main` initialises the backend and says `hello` (the daemon
+keeps a spare worker waiting there). A reader thread parses stdin: `cancel` and `shutdown`
+take effect at once by setting the running request's flag; `load` and `generate` are
+queued for the main thread, which runs them one at a time. A second `generate` while one
+is queued or running is answered `busy`. EOF on stdin acts as `shutdown`; during a load,
+both exit at once.
 """
 
 from __future__ import annotations
@@ -18,17 +19,23 @@ import sys
 import threading
 import time
 import traceback
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from modeld.worker.engine import CancelFlag, Engine, GenerateSpec, LoadSpec
+from modeld.worker.engine import (
+    FLASH_ATTN,
+    CancelFlag,
+    Engine,
+    GenerateSpec,
+    LoadError,
+    LoadSpec,
+    init_backend,
+)
 
 __all__ = ["Channel", "main", "parse_generate", "parse_load"]
 
 READ_CHUNK = 1 << 16  # bytes per read of stdin; requests are small
 EXIT_LOAD_FAILED = 1  # exit status after `load_failed`
 EXIT_PIPE_GONE = 3  # exit status when the protocol pipe is closed (the daemon is gone)
-FLASH_ATTN_MODES = ("on", "off", "auto")
 _SHUTDOWN = object()  # queue item: leave the main loop
 
 
@@ -73,13 +80,12 @@ def _float(obj: dict[str, Any], key: str) -> float:
 
 def parse_load(obj: dict[str, Any]) -> LoadSpec:
     """Validate a `load` op (ValueError says what is wrong)."""
-    from modeld.worker.engine import LoadSpec
 
     path = obj.get("path")
     if not isinstance(path, str) or not path:
         raise ValueError("path must be a non-empty string")
     flash = obj.get("flash_attn", "auto")
-    if flash not in FLASH_ATTN_MODES:
+    if flash not in FLASH_ATTN:
         raise ValueError("flash_attn must be on, off or auto")
     return LoadSpec(
         path=path,
@@ -93,7 +99,6 @@ def parse_load(obj: dict[str, Any]) -> LoadSpec:
 
 def parse_generate(obj: dict[str, Any]) -> GenerateSpec:
     """Validate a `generate` op (ValueError says what is wrong)."""
-    from modeld.worker.engine import GenerateSpec
 
     prompt = obj.get("prompt")
     if not isinstance(prompt, str):
@@ -134,7 +139,7 @@ class Worker:
         self._current: tuple[int, CancelFlag] | None = None  # queued or running generate
         self._engine: Engine | None = None
         self._load_requested = False
-        self._loading = False  # the main thread is inside Engine.load
+        self._loading = False  # a load is queued or running
 
     # -- reader thread --
 
@@ -193,7 +198,6 @@ class Worker:
         self._queue.put(_SHUTDOWN)
 
     def _enqueue_generate(self, obj: dict[str, Any]) -> None:
-        from modeld.worker.engine import CancelFlag
 
         rid = obj.get("id")
         if not isinstance(rid, int) or isinstance(rid, bool):
@@ -220,15 +224,18 @@ class Worker:
             return
         self._load_requested = True
         try:
-            self._queue.put(parse_load(obj))
+            spec = parse_load(obj)
         except ValueError as exc:
             self._queue.put(exc)
+            return
+        with self._lock:
+            self._loading = True
+        self._queue.put(spec)
 
     # -- main thread --
 
     def run(self) -> int:
         """Main thread: run queued loads and generations; return the exit status."""
-        from modeld.worker.engine import LoadSpec
 
         try:
             while True:
@@ -248,10 +255,7 @@ class Worker:
                 self._engine.close()
 
     def _load(self, spec: LoadSpec) -> bool:
-        from modeld.worker.engine import Engine, LoadError
 
-        with self._lock:
-            self._loading = True
         try:
             self._engine, info = Engine.load(spec)
         except LoadError as exc:
@@ -302,17 +306,15 @@ def _log(message: str) -> None:
     sys.stderr.flush()
 
 
-def main() -> int:
-    """Run the worker; the return value is the process exit status."""
-    proto_fd = os.dup(1)  # the protocol's private fd
-    os.dup2(2, 1)  # stray prints (C or Python) now land in stderr
-    t0 = time.perf_counter()
-    from modeld.worker import engine  # after the fd swap: loading llama.cpp may print
+def main(proto_fd: int, started: float) -> int:
+    """Serve the protocol on proto_fd (stdout already points at stderr); return the exit status.
 
-    engine.init_backend(debug=os.environ.get("MODELD_WORKER_DEBUG") == "1")
+    `started` is when the import of llama.cpp began, for `import_ms`.
+    """
+    init_backend(debug=os.environ.get("MODELD_WORKER_DEBUG") == "1")
     chan = Channel(proto_fd)
     worker = Worker(chan)
     threading.Thread(target=worker.read_forever, args=(0,), name="stdin", daemon=True).start()
-    import_ms = (time.perf_counter() - t0) * 1000.0
+    import_ms = (time.perf_counter() - started) * 1000.0
     chan.send({"ev": "hello", "pid": os.getpid(), "import_ms": round(import_ms, 3)})
     return worker.run()

@@ -74,11 +74,13 @@ class StopMatcher:
         longest = 0
         n = len(buf)
         for stop in self._stops:
-            # Only suffixes longer than the best so far can improve it.
-            for k in range(min(len(stop) - 1, n), longest, -1):
-                if buf.endswith(stop[:k]):
-                    longest = k
+            # Candidate starts, longest suffix first; most tokens have none (one C-level find).
+            i = buf.find(stop[0], max(0, n - len(stop) + 1))
+            while i >= 0 and n - i > longest:
+                if stop.startswith(buf[i:]):
+                    longest = n - i
                     break
+                i = buf.find(stop[0], i + 1)
         return longest
 
 

@@ -15,8 +15,10 @@ from typing import Any
 
 import pytest
 
+import modeld
 from modeld.devtools.tiny_gguf import write_tiny_llama
 
+REPO_ROOT = Path(modeld.__file__).resolve().parent.parent  # so `-m modeld.worker` resolves
 TIMEOUT_S = 20.0  # generous for a loaded CI box; a healthy worker answers in milliseconds
 TEMPLATE = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
 LOAD = {"op": "load", "n_ctx": 2048, "n_gpu_layers": 0, "threads": 2, "flash_attn": "auto"}
@@ -32,6 +34,7 @@ class Worker:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env={**os.environ, **(env or {})},
+            cwd=REPO_ROOT,
         )
         self.lines: queue.Queue[bytes | None] = queue.Queue()
         self.stderr = b""
@@ -356,10 +359,11 @@ def test_abort_callback_stops_a_single_prompt_chunk(model_path: Path) -> None:
     engine, _ = eng.Engine.load(spec)
     try:
         req = eng.GenerateSpec(1, "hello " * 1000, 8, 0.0, 1.0, 0, None, ())
-        # One read passes the chunk loop's check; the next comes from inside llama_decode.
+        # The chunk loop's check reads False once; the next read comes from the abort
+        # callback inside llama_decode, then generate reads it once more to report it.
         flag, sink = FlipAfter(1), Events()
         engine.generate(req, flag, sink)
-        assert flag.reads >= 2
+        assert flag.reads >= 3
         assert [e["ev"] for e in sink.events] == ["start", "done"]
         assert sink.events[-1]["finish_reason"] == "cancelled"
         assert sink.events[-1]["completion_tokens"] == 0

@@ -1,0 +1,131 @@
+"""`modelctl models`, `status` (once and `--watch`) and `health` against the fake daemon."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from modelctl_fakes import FakeDaemon, Reply, Terminal, error_reply, json_reply, run_cli
+from test_infer import ANSI
+from test_views import MODELS, STATUS
+
+from modelctl.exitcodes import ExitCode
+
+
+def test_models_table(fake: FakeDaemon, sock_args: list[str]) -> None:
+    fake.route("GET", "/models", json_reply(MODELS))
+    run = run_cli([*sock_args, "models"])
+    assert run.exit_code == 0
+    assert run.stdout.splitlines()[0].split() == ["ID", "SIZE", "EST", "VRAM", "VRAM", "STATE"]
+    assert "smollm2.gguf" in run.stdout
+    assert "\x1b[" not in run.stdout  # no colours in a pipe
+    assert run.stderr == ""
+
+
+def test_models_json_is_the_daemon_answer(fake: FakeDaemon, sock_args: list[str]) -> None:
+    raw = json.dumps(MODELS, indent=1)
+    fake.route("GET", "/models", Reply(body=raw.encode()))
+    run = run_cli([*sock_args, "models", "--json"])
+    assert run.stdout == raw + "\n"
+
+
+def test_models_in_a_terminal_has_colours(fake: FakeDaemon, sock_args: list[str]) -> None:
+    fake.route("GET", "/models", json_reply(MODELS))
+    run = run_cli([*sock_args, "models"], Terminal(stdout_tty=True, stderr_tty=True))
+    assert "\x1b[" in run.stdout
+
+
+def test_models_unreachable_exits_5(tmp_path: object) -> None:
+    run = run_cli(["--socket", f"{tmp_path}/no.sock", "models"])
+    assert run.exit_code == ExitCode.UNREACHABLE
+    assert "no.sock" in run.stderr
+
+
+def test_status_once(fake: FakeDaemon, sock_args: list[str]) -> None:
+    fake.route("GET", "/status", json_reply(STATUS))
+    run = run_cli([*sock_args, "status"])
+    assert run.exit_code == 0
+    assert "612 / 24000 MB used" in run.stdout
+    assert "59s ago" in run.stdout
+
+
+def test_status_json(fake: FakeDaemon, sock_args: list[str]) -> None:
+    fake.route("GET", "/status", json_reply(STATUS))
+    assert json.loads(run_cli([*sock_args, "status", "--json"]).stdout) == STATUS
+
+
+def test_status_watch_redraws_until_ctrl_c(fake: FakeDaemon, sock_args: list[str]) -> None:
+    busier = json.loads(json.dumps(STATUS))
+    busier["instances"][0]["queue_depth"] = 9
+    fake.route("GET", "/status", json_reply(STATUS), json_reply(busier))
+    term = Terminal(stdout_tty=True, stderr_tty=True, max_sleeps=3)
+    run = run_cli([*sock_args, "status", "--watch", "--interval", "0.5"], term)
+    assert run.exit_code == 0  # Ctrl-C is how a watch ends
+    assert term.sleeps == [0.5, 0.5, 0.5]
+    assert len(fake.requests) == 3
+    assert run.stdout.count("Ctrl-C to stop") >= 3  # a frame a refresh (Live repeats the last)
+    assert "\x1b[2K" in run.stdout  # redrawn in place: lines erased, not appended
+    last_row = ANSI.sub("", run.stdout).rstrip().splitlines()[-1]
+    assert last_row.split()[-2:] == ["1", "9"]  # the last frame has the newer figures
+
+
+def test_status_watch_in_a_pipe_prints_snapshots(fake: FakeDaemon, sock_args: list[str]) -> None:
+    fake.route("GET", "/status", json_reply(STATUS))
+    run = run_cli([*sock_args, "status", "--watch"], Terminal(max_sleeps=2))
+    assert run.exit_code == 0
+    assert run.stdout.count("612 / 24000 MB used") == 2
+
+
+def test_status_watch_json_prints_one_line_per_refresh(
+    fake: FakeDaemon, sock_args: list[str]
+) -> None:
+    fake.route("GET", "/status", json_reply(STATUS))
+    run = run_cli([*sock_args, "status", "--watch", "--json"], Terminal(max_sleeps=3))
+    assert [json.loads(line) for line in run.stdout.splitlines()] == [STATUS] * 3
+
+
+def test_status_watch_survives_a_daemon_error(fake: FakeDaemon, sock_args: list[str]) -> None:
+    fake.route(
+        "GET",
+        "/status",
+        json_reply(STATUS),
+        error_reply(503, "shutting_down", "stopping"),
+        json_reply(STATUS),
+    )
+    run = run_cli([*sock_args, "status", "--watch"], Terminal(max_sleeps=3))
+    assert run.exit_code == 0
+    assert "stopping" in run.stdout
+    assert run.stdout.count("612 / 24000 MB used") == 2
+
+
+def test_status_watch_unreachable_at_start_exits_5(tmp_path: object) -> None:
+    run = run_cli(["--socket", f"{tmp_path}/no.sock", "status", "--watch"], Terminal(max_sleeps=1))
+    assert run.exit_code == ExitCode.UNREACHABLE
+
+
+@pytest.mark.parametrize(
+    ("ready", "code", "word"), [(True, 0, "live, ready"), (False, 1, "live, not ready")]
+)
+def test_health(
+    fake: FakeDaemon, sock_args: list[str], ready: bool, code: int, word: str
+) -> None:
+    fake.route("GET", "/healthz", json_reply({"status": "ok"}))
+    fake.route("GET", "/readyz", json_reply({"ready": ready}, status=200 if ready else 503))
+    run = run_cli([*sock_args, "health"])
+    assert run.exit_code == code
+    assert len(run.stdout.splitlines()) == 1
+    assert word in run.stdout
+    assert str(fake.socket_path) in run.stdout
+
+
+def test_health_json(fake: FakeDaemon, sock_args: list[str]) -> None:
+    fake.route("GET", "/healthz", json_reply({"status": "ok"}))
+    fake.route("GET", "/readyz", json_reply({"ready": False}, status=503))
+    run = run_cli([*sock_args, "health", "--json"])
+    assert (run.exit_code, json.loads(run.stdout)) == (1, {"live": True, "ready": False})
+
+
+def test_health_unreachable_exits_5(tmp_path: object) -> None:
+    run = run_cli(["--socket", f"{tmp_path}/no.sock", "health"])
+    assert run.exit_code == ExitCode.UNREACHABLE
+    assert "modeld" in run.stderr

@@ -1,0 +1,258 @@
+"""`modelctl infer` against the fake daemon: arguments, pipe/TTY/--json output, exit codes."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from modelctl_fakes import (
+    DONE,
+    FakeDaemon,
+    Terminal,
+    error_reply,
+    json_reply,
+    run_cli,
+    stream_reply,
+    token_events,
+)
+
+from modelctl.exitcodes import ExitCode
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def plain(text: str) -> str:
+    return ANSI.sub("", text)
+
+
+def test_pipe_output_carries_only_the_text(fake: FakeDaemon, sock_args: list[str]) -> None:
+    fake.route("POST", "/infer", stream_reply([*token_events(" Paris", ".", " It"), DONE]))
+    run = run_cli([*sock_args, "infer", "-m", "tiny.gguf", "The capital of France is"])
+    assert run.exit_code == 0
+    assert run.stdout == " Paris. It\n"
+    assert run.stderr == ""
+
+
+def test_text_ending_in_newline_gets_no_extra_one(fake: FakeDaemon, sock_args: list[str]) -> None:
+    fake.route("POST", "/infer", stream_reply([*token_events("a", "b\n"), DONE]))
+    assert run_cli([*sock_args, "infer", "x"]).stdout == "ab\n"
+
+
+def test_request_carries_only_given_options(fake: FakeDaemon, sock_args: list[str]) -> None:
+    fake.route("POST", "/infer", stream_reply([DONE]))
+    args = ["infer", "-m", "tiny.gguf", "--max-tokens", "5", "--temperature", "0"]
+    args += ["--top-p", "0.5", "--top-k", "0", "--seed", "7", "--stop", "\n", "--stop", "."]
+    run = run_cli([*sock_args, *args, "hi"])
+    assert run.exit_code == 0, run.stderr
+    assert fake.requests[0].json() == {
+        "prompt": "hi",
+        "stream": True,
+        "model": "tiny.gguf",
+        "max_tokens": 5,
+        "temperature": 0.0,
+        "top_p": 0.5,
+        "top_k": 0,
+        "seed": 7,
+        "stop": ["\n", "."],
+    }
+    assert fake.requests[0].headers["accept"] == "application/x-ndjson"
+
+
+def test_defaults_are_left_to_the_daemon(fake: FakeDaemon, sock_args: list[str]) -> None:
+    fake.route("POST", "/infer", stream_reply([DONE]))
+    run_cli([*sock_args, "infer", "hi"])
+    assert fake.requests[0].json() == {"prompt": "hi", "stream": True}
+
+
+@pytest.mark.parametrize("args", [["-"], []])
+def test_prompt_from_piped_stdin(fake: FakeDaemon, sock_args: list[str], args: list[str]) -> None:
+    fake.route("POST", "/infer", stream_reply([DONE]))
+    run = run_cli([*sock_args, "infer", *args], Terminal(stdin="line one\nline two\n"))
+    assert run.exit_code == 0, run.stderr
+    assert fake.requests[0].json()["prompt"] == "line one\nline two\n"
+
+
+def test_argument_wins_over_piped_stdin(fake: FakeDaemon, sock_args: list[str]) -> None:
+    fake.route("POST", "/infer", stream_reply([DONE]))
+    run_cli([*sock_args, "infer", "from arg"], Terminal(stdin="from stdin"))
+    assert fake.requests[0].json()["prompt"] == "from arg"
+
+
+def test_no_prompt_at_a_terminal_is_a_usage_error(fake: FakeDaemon, sock_args: list[str]) -> None:
+    run = run_cli([*sock_args, "infer"], Terminal(stdin_tty=True))
+    assert run.exit_code == ExitCode.USAGE
+    assert "PROMPT" in run.stderr
+    assert fake.requests == []
+
+
+def test_empty_stdin_is_a_usage_error(fake: FakeDaemon, sock_args: list[str]) -> None:
+    assert run_cli([*sock_args, "infer"], Terminal(stdin="")).exit_code == ExitCode.USAGE
+
+
+@pytest.mark.parametrize(
+    "option", [["--top-p", "0"], ["--max-tokens", "0"], ["--temperature", "-1"], ["--seed", "x"]]
+)
+def test_out_of_range_options_are_usage_errors(sock_args: list[str], option: list[str]) -> None:
+    assert run_cli([*sock_args, "infer", *option, "hi"]).exit_code == ExitCode.USAGE
+
+
+def test_json_passes_event_lines_unchanged(fake: FakeDaemon, sock_args: list[str]) -> None:
+    lines = [
+        b'{"type":"token","text":" Paris"}',
+        b'{"type": "token", "text": "\\u00e9"}',  # odd spacing and escapes survive as is
+        json.dumps(DONE).encode(),
+    ]
+    reply = stream_reply([])
+    reply.chunks = [line + b"\n" for line in lines]
+    fake.route("POST", "/infer", reply)
+    run = run_cli([*sock_args, "infer", "--json", "x"], Terminal(stdout_tty=True, stderr_tty=True))
+    assert run.exit_code == 0
+    assert run.stdout.encode() == b"".join(line + b"\n" for line in lines)
+    assert [json.loads(line)["type"] for line in run.stdout.splitlines()] == [
+        "token",
+        "token",
+        "done",
+    ]
+    assert run.stderr == ""  # no spinner, no stats line with --json
+
+
+def test_no_stream_prints_the_text(fake: FakeDaemon, sock_args: list[str]) -> None:
+    whole = {k: v for k, v in DONE.items() if k != "type"} | {"text": "Paris."}
+    fake.route("POST", "/infer", json_reply(whole))
+    run = run_cli([*sock_args, "infer", "--no-stream", "x"])
+    assert (run.exit_code, run.stdout) == (0, "Paris.\n")
+    assert fake.requests[0].json()["stream"] is False
+
+
+def test_no_stream_json_prints_the_answer(fake: FakeDaemon, sock_args: list[str]) -> None:
+    fake.route("POST", "/infer", json_reply({"text": "Paris.", "model": "tiny.gguf"}))
+    run = run_cli([*sock_args, "infer", "--no-stream", "--json", "x"])
+    assert json.loads(run.stdout) == {"text": "Paris.", "model": "tiny.gguf"}
+
+
+def test_terminal_shows_text_then_dim_stats_line(fake: FakeDaemon, sock_args: list[str]) -> None:
+    fake.route("POST", "/infer", stream_reply([*token_events(" Paris", ".", "!"), DONE]))
+    run = run_cli([*sock_args, "infer", "x"], Terminal(stdout_tty=True, stderr_tty=True))
+    assert run.exit_code == 0
+    assert run.stdout == " Paris.!\n"
+    stats = plain(run.stderr).strip().splitlines()[-1]
+    # 3 tokens; (3 - 1) tokens over the 40 ms after the first one; ttft 20 ms
+    assert (
+        stats == "3 tokens · 50.0 tokens/s · first token 20 ms · stopped at max tokens · tiny.gguf"
+    )
+    assert "\x1b[2m" in run.stderr  # dim
+
+
+def test_model_not_found_exits_3(fake: FakeDaemon, sock_args: list[str]) -> None:
+    fake.route("POST", "/infer", error_reply(404, "model_not_found", "no model 'x.gguf'"))
+    run = run_cli([*sock_args, "infer", "-m", "x.gguf", "hi"])
+    assert run.exit_code == ExitCode.MODEL_NOT_FOUND == 3
+    assert run.stdout == ""
+    assert run.stderr == "error: no model 'x.gguf' (model_not_found)\n"
+
+
+@pytest.mark.parametrize("code", ["queue_full", "queue_timeout", "overloaded"])
+def test_busy_exits_4(fake: FakeDaemon, sock_args: list[str], code: str) -> None:
+    fake.route("POST", "/infer", error_reply(429, code, "busy", retry_after_ms=1000))
+    term = Terminal()
+    run = run_cli([*sock_args, "infer", "hi"], term)
+    assert run.exit_code == ExitCode.BUSY == 4
+    assert term.sleeps == []  # no --retry: no waiting
+    assert len(fake.requests) == 1
+
+
+def test_retry_waits_retry_after_then_succeeds(fake: FakeDaemon, sock_args: list[str]) -> None:
+    busy = error_reply(429, "queue_full", "queue full", retry_after_ms=2000)
+    fake.route("POST", "/infer", busy, busy, stream_reply([*token_events("ok"), DONE]))
+    term = Terminal()
+    run = run_cli([*sock_args, "infer", "--retry", "3", "hi"], term)
+    assert run.exit_code == 0, run.stderr
+    assert run.stdout == "ok\n"
+    assert term.sleeps == [2.0, 2.0]
+    assert run.stderr.splitlines() == [
+        "daemon busy (queue_full): retrying in 2s (retry 1 of 3)",
+        "daemon busy (queue_full): retrying in 2s (retry 2 of 3)",
+    ]
+
+
+def test_retry_gives_up_after_the_limit(fake: FakeDaemon, sock_args: list[str]) -> None:
+    fake.route("POST", "/infer", error_reply(429, "overloaded", "too many", retry_after_ms=1000))
+    term = Terminal()
+    run = run_cli([*sock_args, "infer", "--retry", "2", "hi"], term)
+    assert run.exit_code == ExitCode.BUSY
+    assert len(fake.requests) == 3
+    assert term.sleeps == [1.0, 1.0]
+
+
+def test_retry_does_not_retry_other_errors(fake: FakeDaemon, sock_args: list[str]) -> None:
+    fake.route("POST", "/infer", error_reply(500, "model_load_failed", "bad file"))
+    run = run_cli([*sock_args, "infer", "--retry", "5", "hi"])
+    assert run.exit_code == ExitCode.ERROR
+    assert len(fake.requests) == 1
+
+
+def test_error_event_mid_stream(fake: FakeDaemon, sock_args: list[str]) -> None:
+    crash = {"type": "error", "error": {"code": "worker_crashed", "message": "worker died"}}
+    fake.route("POST", "/infer", stream_reply([*token_events("par"), crash]))
+    run = run_cli([*sock_args, "infer", "hi"])
+    assert run.exit_code == ExitCode.ERROR
+    assert run.stdout == "par\n"
+    assert run.stderr == "error: worker died (worker_crashed)\n"
+
+
+def test_json_error_event_is_passed_then_reported(fake: FakeDaemon, sock_args: list[str]) -> None:
+    gone = {"type": "error", "error": {"code": "model_unloaded", "message": "unloaded"}}
+    fake.route("POST", "/infer", stream_reply([gone]))
+    run = run_cli([*sock_args, "infer", "--json", "hi"])
+    assert run.exit_code == ExitCode.ERROR
+    assert json.loads(run.stdout) == gone
+    assert "(model_unloaded)" in run.stderr
+
+
+def test_stream_without_done_is_an_error(fake: FakeDaemon, sock_args: list[str]) -> None:
+    fake.route("POST", "/infer", stream_reply(token_events("a")))
+    run = run_cli([*sock_args, "infer", "hi"])
+    assert run.exit_code == ExitCode.ERROR
+    assert "without a done event" in run.stderr
+
+
+def test_unreachable_socket_exits_5_with_a_hint(tmp_path: object) -> None:
+    path = f"{tmp_path}/nothing.sock"
+    run = run_cli(["--socket", path, "infer", "hi"])
+    assert run.exit_code == ExitCode.UNREACHABLE == 5
+    assert path in run.stderr
+    assert "systemctl --user start modeld.socket" in run.stderr
+    assert run.stdout == ""
+
+
+def test_url_reaches_the_daemon_over_tcp(fake: FakeDaemon) -> None:
+    fake.route("POST", "/infer", stream_reply([*token_events("tcp"), DONE]))
+    run = run_cli(["--url", fake.url, "infer", "hi"])
+    assert (run.exit_code, run.stdout) == (0, "tcp\n")
+    assert fake.requests[0].headers["host"] == f"127.0.0.1:{fake.port}"
+
+
+def test_env_vars_name_the_endpoint(fake: FakeDaemon) -> None:
+    fake.route("POST", "/infer", stream_reply([*token_events("env"), DONE]))
+    run = run_cli(["infer", "hi"], env={"MODELCTL_SOCKET": str(fake.socket_path)})
+    assert run.stdout == "env\n"
+    run = run_cli(["infer", "hi"], env={"MODELCTL_URL": fake.url})
+    assert run.stdout == "env\n"
+
+
+def test_command_line_socket_wins_over_env_url(fake: FakeDaemon, sock_args: list[str]) -> None:
+    fake.route("POST", "/infer", stream_reply([*token_events("s"), DONE]))
+    run = run_cli([*sock_args, "infer", "hi"], env={"MODELCTL_URL": "http://127.0.0.1:1"})
+    assert run.stdout == "s\n"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--url", "https://localhost:1"],
+        ["--url", "http://127.0.0.1:1", "--socket", "/x.sock"],
+    ],
+)
+def test_bad_endpoint_options_are_usage_errors(args: list[str]) -> None:
+    assert run_cli([*args, "infer", "hi"]).exit_code == ExitCode.USAGE
