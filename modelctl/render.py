@@ -113,8 +113,7 @@ def notice(env: Environment, message: str) -> None:
 
 def print_error(env: Environment, error: ClientError) -> None:
     """`error: <message>` on stderr, the daemon's code in dim, and a hint when useful."""
-    line = Text("error: ", style="bold red")
-    line.append(str(error))
+    line = Text.assemble(("error: ", "bold red"), str(error))
     if isinstance(error, DaemonError):
         line.append(f" ({error.code})", style="dim")
     env.err.print(line)

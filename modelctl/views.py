@@ -60,7 +60,7 @@ def fmt_ago(timestamp: float | None, now: float) -> str:
 
 def state_text(state: str, error: str | None = None) -> Text:
     """A state, coloured; an error state carries its reason."""
-    text = Text(state, style=STATE_STYLES.get(state, ""))
+    text = Text.assemble((state, STATE_STYLES.get(state, "")))
     if error:
         text.append(f" ({error})", style="dim")
     return text
@@ -95,7 +95,7 @@ def models_table(models: list[ModelInfo]) -> RenderableType:
 def vram_bar(vram: Vram, width: int = BAR_WIDTH) -> Text:
     """`[used|free|margin]` of the budget as a bar of cells, then the figures."""
     budget, margin, used = vram.budget_mb, vram.margin_mb or 0, vram.used_mb or 0
-    text = Text("VRAM ", style="bold")
+    text = Text.assemble(("VRAM ", "bold"))
     if not budget or budget <= 0:
         text.append(f"{used} MB used, no budget known", style="dim")
         return text
@@ -118,11 +118,10 @@ def vram_bar(vram: Vram, width: int = BAR_WIDTH) -> Text:
 
 
 def _counters_line(status: Status) -> Text:
-    limit = str(status.max_inflight) if status.max_inflight > 0 else "no limit"
-    text = Text(f"in flight {status.inflight} ({limit})", style="")
-    rejected = ", ".join(f"{k} {v}" for k, v in status.rejected.items())
-    text.append(f" · rejected: {rejected or 'none'}", style="dim")
-    text.append(f" · cancelled {status.cancelled}", style="dim")
+    limit = f" of {status.max_inflight}" if status.max_inflight > 0 else ""
+    text = Text(f"in flight {status.inflight}{limit}")
+    rejected = ", ".join(f"{k} {v}" for k, v in status.rejected.items() if v)
+    text.append(f" · rejected {rejected or 0} · cancelled {status.cancelled}", style="dim")
     return text
 
 
@@ -194,7 +193,7 @@ def waiting_text(model: str | None, elapsed_s: float) -> Text:
 
 def health_line(endpoint: str, ready: bool | None) -> Text:
     """`modelctl health`'s line: liveness and readiness together."""
-    text = Text("modeld ", style="bold")
+    text = Text.assemble(("modeld ", "bold"))
     text.append("live", style="green")
     if ready:
         text.append(", ready", style="green")

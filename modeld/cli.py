@@ -43,69 +43,175 @@ def _socket(ctx: click.Context, param: click.Parameter, value: str | None) -> Pa
     return Path(value).expanduser().absolute()
 
 
-@click.command(context_settings={"auto_envvar_prefix": "MODELD", "show_default": True,
-                                 "help_option_names": ["-h", "--help"]})
-@click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path),
-              default=Path("~/models/llm"), help="Directory scanned for *.gguf models.")
+@click.command(
+    context_settings={
+        "auto_envvar_prefix": "MODELD",
+        "show_default": True,
+        "help_option_names": ["-h", "--help"],
+    }
+)
+@click.option(
+    "--models-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("~/models/llm"),
+    help="Directory scanned for *.gguf models.",
+)
 @click.option("--default-model", default=None, help="Model used when a request names none.")
-@click.option("--listen", default=DEFAULT_LISTEN, callback=_listen,
-              help="TCP HOST:PORT to serve on ('none' to turn TCP off).")
-@click.option("--socket", "socket_path", default=None, callback=_socket,
-              help="Unix socket path ('none' to turn it off)  [default: $XDG_RUNTIME_DIR/modeld/modeld.sock]")
-@click.option("--socket-mode", default="0600", callback=_mode, help="Permissions of the Unix socket.")
-@click.option("--vram-budget-mb", type=click.IntRange(min=1), default=None,
-              help="Memory for all instances [default: GPU total via NVML, else system RAM].")
-@click.option("--vram-margin-mb", type=click.IntRange(min=0), default=512,
-              help="Memory always kept free.")
-@click.option("--n-ctx", type=click.IntRange(min=16), default=2048, help="Context length per instance.")
+@click.option(
+    "--listen",
+    default=DEFAULT_LISTEN,
+    callback=_listen,
+    help="TCP HOST:PORT to serve on ('none' to turn TCP off).",
+)
+@click.option(
+    "--socket",
+    "socket_path",
+    default=None,
+    callback=_socket,
+    help="Unix socket path ('none' to turn it off)  [default: $XDG_RUNTIME_DIR/modeld/modeld.sock]",
+)
+@click.option(
+    "--socket-mode", default="0600", callback=_mode, help="Permissions of the Unix socket."
+)
+@click.option(
+    "--vram-budget-mb",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Memory for all instances [default: GPU total via NVML, else system RAM].",
+)
+@click.option(
+    "--vram-margin-mb", type=click.IntRange(min=0), default=512, help="Memory always kept free."
+)
+@click.option(
+    "--n-ctx", type=click.IntRange(min=16), default=2048, help="Context length per instance."
+)
 @click.option("--n-gpu-layers", type=int, default=-1, help="Layers offloaded to the GPU (-1: all).")
-@click.option("--threads", type=click.IntRange(min=0), default=0, help="Threads per worker (0: all cores).")
-@click.option("--flash-attn", type=click.Choice(["on", "off", "auto"]), default="auto",
-              help="Flash attention in llama.cpp.")
-@click.option("--n-batch", type=click.IntRange(min=1), default=512, help="Prompt tokens per decode call.")
-@click.option("--max-queue-depth", type=click.IntRange(min=0), default=32,
-              help="Requests that may wait per model before 429 queue_full.")
-@click.option("--max-wait-ms", type=click.IntRange(min=1), default=30_000,
-              help="Longest wait for a turn before 429 queue_timeout.")
-@click.option("--max-inflight", type=click.IntRange(min=0), default=0,
-              help="Generations running at once across all models (0: no limit).")
+@click.option(
+    "--threads", type=click.IntRange(min=0), default=0, help="Threads per worker (0: all cores)."
+)
+@click.option(
+    "--flash-attn",
+    type=click.Choice(["on", "off", "auto"]),
+    default="auto",
+    help="Flash attention in llama.cpp.",
+)
+@click.option(
+    "--n-batch", type=click.IntRange(min=1), default=512, help="Prompt tokens per decode call."
+)
+@click.option(
+    "--max-queue-depth",
+    type=click.IntRange(min=0),
+    default=32,
+    help="Requests that may wait per model before 429 queue_full.",
+)
+@click.option(
+    "--max-wait-ms",
+    type=click.IntRange(min=1),
+    default=30_000,
+    help="Longest wait for a turn before 429 queue_timeout.",
+)
+@click.option(
+    "--max-inflight",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Generations running at once across all models (0: no limit).",
+)
 @click.option("--preload", multiple=True, help="Model to load at start (repeatable).")
 @click.option("--pin", multiple=True, help="Model never evicted (repeatable).")
-@click.option("--idle-unload-s", type=click.FloatRange(min=0), default=0.0,
-              help="Unload an instance idle this long (0: never).")
-@click.option("--load-timeout-s", type=click.FloatRange(min=1), default=120.0,
-              help="A load taking longer fails and its worker is killed.")
-@click.option("--shutdown-grace-s", type=click.FloatRange(min=0), default=5.0,
-              help="Time running requests get to finish at SIGTERM.")
-@click.option("--follow-symlinks/--no-follow-symlinks", default=False,
-              help="Serve symlinks that lead outside the models dir.")
-@click.option("--spare-worker/--no-spare-worker", default=True,
-              help="Keep a pre-started worker so a cold load skips interpreter start-up.")
-@click.option("--max-connections", type=click.IntRange(min=1), default=Limits.max_connections,
-              help="Open connections past this get 503.")
-@click.option("--max-body-bytes", type=click.IntRange(min=1024), default=Limits.max_body_bytes,
-              help="Largest request body (413 past it).")
-@click.option("--max-head-bytes", type=click.IntRange(min=1024), default=Limits.max_head_bytes,
-              help="Largest request line + headers (431 past it).")
-@click.option("--head-timeout-s", type=click.FloatRange(min=0.1), default=Limits.head_timeout_s,
-              help="Request headers must arrive within this (408).")
-@click.option("--body-timeout-s", type=click.FloatRange(min=0.1), default=Limits.body_timeout_s,
-              help="A request body must arrive within this (408).")
-@click.option("--keepalive-timeout-s", type=click.FloatRange(min=0.1),
-              default=Limits.keepalive_timeout_s, help="Idle keep-alive connections close after this.")
-@click.option("--send-timeout-s", type=click.FloatRange(min=0.1), default=Limits.send_timeout_s,
-              help="A client that reads nothing this long is dropped and its generation cancelled.")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
-@click.option("--log-format", type=click.Choice(["auto", "json", "text"]), default="auto",
-              help="auto: text on a terminal, JSON lines otherwise.")
+@click.option(
+    "--idle-unload-s",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    help="Unload an instance idle this long (0: never).",
+)
+@click.option(
+    "--load-timeout-s",
+    type=click.FloatRange(min=1),
+    default=120.0,
+    help="A load taking longer fails and its worker is killed.",
+)
+@click.option(
+    "--shutdown-grace-s",
+    type=click.FloatRange(min=0),
+    default=5.0,
+    help="Time running requests get to finish at SIGTERM.",
+)
+@click.option(
+    "--follow-symlinks/--no-follow-symlinks",
+    default=False,
+    help="Serve symlinks that lead outside the models dir.",
+)
+@click.option(
+    "--spare-worker/--no-spare-worker",
+    default=True,
+    help="Keep a pre-started worker so a cold load skips interpreter start-up.",
+)
+@click.option(
+    "--max-connections",
+    type=click.IntRange(min=1),
+    default=Limits.max_connections,
+    help="Open connections past this get 503.",
+)
+@click.option(
+    "--max-body-bytes",
+    type=click.IntRange(min=1024),
+    default=Limits.max_body_bytes,
+    help="Largest request body (413 past it).",
+)
+@click.option(
+    "--max-head-bytes",
+    type=click.IntRange(min=1024),
+    default=Limits.max_head_bytes,
+    help="Largest request line + headers (431 past it).",
+)
+@click.option(
+    "--head-timeout-s",
+    type=click.FloatRange(min=0.1),
+    default=Limits.head_timeout_s,
+    help="Request headers must arrive within this (408).",
+)
+@click.option(
+    "--body-timeout-s",
+    type=click.FloatRange(min=0.1),
+    default=Limits.body_timeout_s,
+    help="A request body must arrive within this (408).",
+)
+@click.option(
+    "--keepalive-timeout-s",
+    type=click.FloatRange(min=0.1),
+    default=Limits.keepalive_timeout_s,
+    help="Idle keep-alive connections close after this.",
+)
+@click.option(
+    "--send-timeout-s",
+    type=click.FloatRange(min=0.1),
+    default=Limits.send_timeout_s,
+    help="A client that reads nothing this long is dropped and its generation cancelled.",
+)
+@click.option(
+    "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info"
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["auto", "json", "text"]),
+    default="auto",
+    help="auto: text on a terminal, JSON lines otherwise.",
+)
 @click.version_option(__version__, prog_name="modeld")
 def command(**opts: object) -> None:
     """Serve llama.cpp models from a directory within a memory budget."""
     from modeld.daemon import Daemon, StartupError
     from modeld.service.logs import setup_logging
 
-    limit_keys = ("max_connections", "max_body_bytes", "max_head_bytes", "head_timeout_s",
-                  "body_timeout_s", "keepalive_timeout_s", "send_timeout_s")
+    limit_keys = (
+        "max_connections",
+        "max_body_bytes",
+        "max_head_bytes",
+        "head_timeout_s",
+        "body_timeout_s",
+        "keepalive_timeout_s",
+        "send_timeout_s",
+    )
     limits = Limits(**{k: opts.pop(k) for k in limit_keys})  # type: ignore[arg-type]
     setup_logging(str(opts["log_level"]), str(opts["log_format"]))
     cfg = Config(limits=limits, **opts)  # type: ignore[arg-type]

@@ -29,7 +29,7 @@ from modeld.gguf.estimate import estimate_vram_mb
 from modeld.gguf.info import ModelInfo
 from modeld.http.server import ConnectionSlots, ConnInfo, serve_connection
 from modeld.manager.manager import Manager, ManagerConfig
-from modeld.registry import Registry, ModelSpec
+from modeld.registry import ModelSpec, Registry
 from modeld.service import systemd
 from modeld.vram import detect_budget
 from modeld.worker.client import ProcessBackend, WorkerSettings
@@ -78,32 +78,45 @@ async def _open_listeners(cfg: Config) -> list[OpenListener]:
     inherited = systemd.listen_fds()
     out: list[OpenListener] = []
     if inherited:
-        for item in inherited:
-            sock = item.sock
+        for inh in inherited:
+            sock = inh.sock
             sock.setblocking(False)
             listener = await anyio.abc.SocketListener.from_socket(sock)
-            if item.family == socket.AF_UNIX:
-                out.append(OpenListener(listener, ConnInfo("unix", False), f"unix:{sock.getsockname()} (systemd)"))
+            if inh.family == socket.AF_UNIX:
+                out.append(
+                    OpenListener(
+                        listener, ConnInfo("unix", False), f"unix:{sock.getsockname()} (systemd)"
+                    )
+                )
             else:
                 host = str(sock.getsockname()[0])
-                out.append(OpenListener(listener, ConnInfo("tcp", _is_loopback(host)),
-                                        f"tcp:{host}:{sock.getsockname()[1]} (systemd)"))
+                out.append(
+                    OpenListener(
+                        listener,
+                        ConnInfo("tcp", _is_loopback(host)),
+                        f"tcp:{host}:{sock.getsockname()[1]} (systemd)",
+                    )
+                )
         return out
     if cfg.socket_path is not None:
         out.append(await _open_unix(cfg.socket_path, cfg.socket_mode))
     if cfg.listen is not None:
         host, port = cfg.listen
         try:
-            listener = await anyio.create_tcp_listener(local_host=host, local_port=port, reuse_port=False)
+            multi = await anyio.create_tcp_listener(
+                local_host=host, local_port=port, reuse_port=False
+            )
         except OSError as exc:
             for item in out:
                 await item.listener.aclose()
             raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-        subs = listener.listeners if isinstance(listener, anyio.streams.stapled.MultiListener) else [listener]
+        subs = multi.listeners
         for sub in subs:
             assert isinstance(sub, anyio.abc.SocketListener)
             addr = sub.extra(anyio.abc.SocketAttribute.local_address)
-            label = f"tcp:[{addr[0]}]:{addr[1]}" if ":" in str(addr[0]) else f"tcp:{addr[0]}:{addr[1]}"
+            label = (
+                f"tcp:[{addr[0]}]:{addr[1]}" if ":" in str(addr[0]) else f"tcp:{addr[0]}:{addr[1]}"
+            )
             out.append(OpenListener(sub, ConnInfo("tcp", _is_loopback(str(addr[0]))), label))
     if not out:
         raise StartupError("no listener: give --socket and/or --listen")
@@ -119,14 +132,17 @@ async def _open_unix(path: Path, mode: int) -> OpenListener:
                 "(or give this one another --socket)"
             )
         if not path.is_socket():
-            raise StartupError(f"{path} exists and is not a socket; remove it or choose another --socket")
+            raise StartupError(
+                f"{path} exists and is not a socket; remove it or choose another --socket"
+            )
         path.unlink()  # a stale socket left by a daemon that died
     try:
         listener = await anyio.create_unix_listener(path, mode=mode)
     except OSError as exc:
         raise StartupError(f"cannot listen on {path}: {exc.strerror}") from None
-    return OpenListener(listener, ConnInfo("unix", False), f"unix:{path}", unlink=path,
-                        inode=path.stat().st_ino)
+    return OpenListener(
+        listener, ConnInfo("unix", False), f"unix:{path}", unlink=path, inode=path.stat().st_ino
+    )
 
 
 def _daemon_alive(path: Path) -> bool:
@@ -164,7 +180,9 @@ class Daemon:
         budget = detect_budget(cfg.vram_budget_mb)
         self.budget = budget
         self.registry = Registry(
-            cfg.models_dir, estimator=_estimator(cfg, budget.gpu), follow_symlinks=cfg.follow_symlinks
+            cfg.models_dir,
+            estimator=_estimator(cfg, budget.gpu),
+            follow_symlinks=cfg.follow_symlinks,
         )
         self.slots = ConnectionSlots(cfg.limits.max_connections)
         self.stopping = anyio.Event()
@@ -174,20 +192,31 @@ class Daemon:
         specs = self.registry.scan()
         log.info(
             "models dir %s: %d models; budget %d MB (%s), margin %d MB",
-            self.registry.models_dir, len(specs), self.budget.budget_mb, self.budget.source,
+            self.registry.models_dir,
+            len(specs),
+            self.budget.budget_mb,
+            self.budget.source,
             cfg.vram_margin_mb,
         )
         listeners = await _open_listeners(cfg)
         settings = WorkerSettings(
-            n_ctx=cfg.n_ctx, n_gpu_layers=cfg.n_gpu_layers, threads=cfg.threads,
-            flash_attn=cfg.flash_attn, n_batch=cfg.n_batch, load_timeout_s=cfg.load_timeout_s,
+            n_ctx=cfg.n_ctx,
+            n_gpu_layers=cfg.n_gpu_layers,
+            threads=cfg.threads,
+            flash_attn=cfg.flash_attn,
+            n_batch=cfg.n_batch,
+            load_timeout_s=cfg.load_timeout_s,
             gpu=self.budget.gpu,
         )
         mcfg = ManagerConfig(
-            budget_mb=self.budget.budget_mb, margin_mb=cfg.vram_margin_mb,
-            budget_source=self.budget.source, max_queue_depth=cfg.max_queue_depth,
-            max_wait_ms=cfg.max_wait_ms, max_inflight=cfg.max_inflight,
-            idle_unload_s=cfg.idle_unload_s, pinned=frozenset(self._resolve_ids(cfg.pin)),
+            budget_mb=self.budget.budget_mb,
+            margin_mb=cfg.vram_margin_mb,
+            budget_source=self.budget.source,
+            max_queue_depth=cfg.max_queue_depth,
+            max_wait_ms=cfg.max_wait_ms,
+            max_inflight=cfg.max_inflight,
+            idle_unload_s=cfg.idle_unload_s,
+            pinned=frozenset(self._resolve_ids(cfg.pin)),
         )
         try:
             async with ProcessBackend(settings, spare=cfg.spare_worker) as backend:
@@ -212,7 +241,7 @@ class Daemon:
 
     def _install_extra_routes(self, app: App) -> None:
         try:
-            from modeld.api.openai import install
+            from modeld.api.openai import install  # type: ignore[import-not-found,unused-ignore]
         except ImportError:
             return
         install(app)
@@ -220,13 +249,13 @@ class Daemon:
     def _default_id(self) -> str | None:
         if self.cfg.default_model is None:
             return None
-        spec = self.registry._lookup(self.cfg.default_model)  # noqa: SLF001
+        spec = self.registry._lookup(self.cfg.default_model)
         return spec.id if spec else self.cfg.default_model
 
     def _resolve_ids(self, names: Iterable[str]) -> list[str]:
         out = []
         for name in names:
-            spec = self.registry._lookup(name)  # noqa: SLF001
+            spec = self.registry._lookup(name)
             out.append(spec.id if spec else name)
         return out
 
@@ -236,7 +265,7 @@ class Daemon:
             names.insert(0, self.cfg.default_model)
         specs: list[ModelSpec] = []
         for name in names:
-            spec = self.registry._lookup(name)  # noqa: SLF001
+            spec = self.registry._lookup(name)
             if spec is None:
                 log.warning("cannot preload %s: no such model in the models dir", name)
             else:
@@ -253,8 +282,10 @@ class Daemon:
         m = self.manager
         ready = sum(1 for i in m.instances.values() if i.state == "ready")
         queued = sum(len(i.queue) for i in m.instances.values())
-        return (f"{len(self.registry.models())} models, {ready} loaded, {m.used_mb} MB used, "
-                f"{m.inflight} running, {queued} queued")
+        return (
+            f"{len(self.registry.models())} models, {ready} loaded, {m.used_mb} MB used, "
+            f"{m.inflight} running, {queued} queued"
+        )
 
     async def _systemd_status(self) -> None:
         interval = systemd.watchdog_interval_s()

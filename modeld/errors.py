@@ -39,6 +39,20 @@ class InvalidRequest(ModeldError):
     http_status = 400
 
 
+class BadRequest(ModeldError):
+    """Bytes that are not a well-formed HTTP/1.1 request."""
+
+    code = "bad_request"
+    http_status = 400
+
+
+class NotImplementedByServer(ModeldError):
+    """A well-formed request using something modeld does not do (a transfer coding)."""
+
+    code = "not_implemented"
+    http_status = 501
+
+
 class NoDefaultModel(ModeldError):
     code = "no_default_model"
     http_status = 400

@@ -141,9 +141,12 @@ class Registry:
         if not stat.S_ISREG(st.st_mode):
             return ModelSpec(name, path, 0, 0, invalid="not a regular file")
         if split is not None:
-            size = self._split_size(path, split)
-            if size is None:
-                return ModelSpec(name, path, st.st_size, 0, invalid="split model with missing parts")
+            total = self._split_size(path, split)
+            if total is None:
+                return ModelSpec(
+                    name, path, st.st_size, 0, invalid="split model with missing parts"
+                )
+            size = total
         try:
             validate_gguf(path)
             info = read_model_info(path)

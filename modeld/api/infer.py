@@ -170,8 +170,9 @@ async def _generate(
                 raise first.error
             assert isinstance(first, Started)
             if parsed.stream:
-                await res.start(200, [("Content-Type", framer.content_type),
-                                      ("Cache-Control", "no-cache")])
+                await res.start(
+                    200, [("Content-Type", framer.content_type), ("Cache-Control", "no-cache")]
+                )
             texts: list[str] = []
             while True:
                 event = await gen.next()
@@ -211,18 +212,30 @@ async def _finish(
     timings = {
         "queue_ms": outcome.queue_ms,
         "load_ms": outcome.load_ms,
-        "ttft_ms": outcome.ttft_ms if outcome.ttft_ms is not None else _ms(
-            time.monotonic() - request.received_at),
+        "ttft_ms": outcome.ttft_ms
+        if outcome.ttft_ms is not None
+        else _ms(time.monotonic() - request.received_at),
         "total_ms": _ms(time.monotonic() - request.received_at),
     }
     usage = {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens}
     if parsed.stream:
-        done = {"type": "done", "model": spec.id, "finish_reason": event.finish_reason,
-                "usage": usage, "timings": timings}
+        done = {
+            "type": "done",
+            "model": spec.id,
+            "finish_reason": event.finish_reason,
+            "usage": usage,
+            "timings": timings,
+        }
         await res.send(framer.event(done))
         await res.end()
         return
-    body = {"model": spec.id, "text": "".join(texts), "finish_reason": event.finish_reason,
-            "usage": usage, "timings": timings}
-    await res.respond(200, [("Content-Type", "application/json")],
-                      json.dumps(body, ensure_ascii=False).encode())
+    body = {
+        "model": spec.id,
+        "text": "".join(texts),
+        "finish_reason": event.finish_reason,
+        "usage": usage,
+        "timings": timings,
+    }
+    await res.respond(
+        200, [("Content-Type", "application/json")], json.dumps(body, ensure_ascii=False).encode()
+    )

@@ -492,8 +492,8 @@ def _uint_key(header: GGUFHeader, key: str, *, allow_zero: bool = False) -> str 
     if field is None:
         return f"missing key {key!r}"
     value = field.value
-    if isinstance(value, ArrayValue) and value.elem_type in UNSIGNED_TYPES:
-        return None  # per-layer values (e.g. head counts of OpenELM)
+    if isinstance(value, ArrayValue) and value.elem_type in INTEGER_TYPES and value.count:
+        return None  # per-layer values (e.g. head counts of OpenELM), written as int32
     if field.type not in UNSIGNED_TYPES or not isinstance(value, int):
         return f"{key!r} must be an unsigned integer"
     return None if allow_zero or value > 0 else f"{key!r} must not be 0"

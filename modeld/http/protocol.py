@@ -8,13 +8,20 @@ from __future__ import annotations
 
 import json
 import time
-from http import HTTPStatus
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
 
 import h11
 
-from modeld.errors import HeadersTooLarge, InvalidRequest, ModeldError, PayloadTooLarge
+from modeld.errors import (
+    BadRequest,
+    HeadersTooLarge,
+    InvalidRequest,
+    ModeldError,
+    NotImplementedByServer,
+    PayloadTooLarge,
+)
 
 SERVER_HEADER = ("Server", "modeld")
 
@@ -58,7 +65,9 @@ class Request:
         except UnicodeDecodeError:
             raise InvalidRequest("the request body is not valid UTF-8") from None
         except json.JSONDecodeError as exc:
-            raise InvalidRequest(f"the request body is not valid JSON: {exc.msg} at {exc.pos}") from None
+            raise InvalidRequest(
+                f"the request body is not valid JSON: {exc.msg} at {exc.pos}"
+            ) from None
         except RecursionError:
             raise InvalidRequest("the request body is nested too deeply") from None
 
@@ -86,20 +95,6 @@ NEED_DATA = NeedData()
 CLOSED = Closed()
 
 Outcome = Request | NeedData | Closed | Failure
-
-
-class ProtocolError(ModeldError):
-    """A malformed request as h11 reports it; the status is h11's hint."""
-
-    code = "bad_request"
-
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
-        self.status = status
-
-    @property  # type: ignore[override]
-    def http_status(self) -> int:  # noqa: D102
-        return self.status
 
 
 class ServerConnection:
@@ -149,15 +144,15 @@ class ServerConnection:
 
     def _protocol_error(self, exc: h11.RemoteProtocolError) -> ModeldError:
         if exc.error_status_hint == 431:
-            return HeadersTooLarge(
-                f"request head over {self.limits.max_head_bytes} bytes"
-            )
-        return ProtocolError(f"malformed request: {exc}", exc.error_status_hint)
+            return HeadersTooLarge(f"request head over {self.limits.max_head_bytes} bytes")
+        if exc.error_status_hint == 501:
+            return NotImplementedByServer(f"unsupported request: {exc}")
+        return BadRequest(f"malformed request: {exc}")
 
     def _check_head(self, head: h11.Request) -> ModeldError | None:
         names = [name for name, _ in head.headers]
         if b"content-length" in names and b"transfer-encoding" in names:
-            return ProtocolError("both Content-Length and Transfer-Encoding", 400)
+            return BadRequest("both Content-Length and Transfer-Encoding")
         for name, value in head.headers:
             if name == b"content-length" and int(value) > self.limits.max_body_bytes:
                 return self._too_large()
@@ -176,9 +171,7 @@ class ServerConnection:
             target=target,
             path=path,
             query=query,
-            headers=tuple(
-                (k.decode("latin-1"), v.decode("latin-1")) for k, v in head.headers
-            ),
+            headers=tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in head.headers),
             body=b"".join(self._body),
         )
         self._head, self._body, self._body_size = None, [], 0

@@ -11,7 +11,6 @@ have a deadline, so a client that stops reading cannot hold a generation forever
 from __future__ import annotations
 
 import logging
-import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -49,7 +48,9 @@ class ConnInfo:
 class Responder:
     """How a handler answers one request: `start`/`send`/`end`, or `respond` at once."""
 
-    def __init__(self, stream: anyio.abc.ByteStream, conn: ServerConnection, limits: Limits) -> None:
+    def __init__(
+        self, stream: anyio.abc.ByteStream, conn: ServerConnection, limits: Limits
+    ) -> None:
         self._stream = stream
         self._conn = conn
         self._limits = limits
@@ -117,8 +118,12 @@ async def serve_connection(
     slots.open += 1
     try:
         if slots.open > slots.limit:
-            await _send_quietly(stream, conn.error_response(
-                TooManyConnections(f"more than {slots.limit} open connections"), close=True))
+            await _send_quietly(
+                stream,
+                conn.error_response(
+                    TooManyConnections(f"more than {slots.limit} open connections"), close=True
+                ),
+            )
             return
         first = True
         while True:
@@ -220,25 +225,3 @@ async def _run_handler(
             pass
         finally:
             tg.cancel_scope.cancel()
-
-
-async def serve_listener(
-    listener: anyio.abc.Listener[anyio.abc.SocketStream],
-    handler: Handler,
-    limits: Limits,
-    info: ConnInfo,
-    slots: ConnectionSlots,
-) -> None:
-    """Accept connections until cancelled."""
-
-    async def on_connect(stream: anyio.abc.SocketStream) -> None:
-        if info.kind == "tcp":
-            try:
-                stream.extra(anyio.abc.SocketAttribute.raw_socket).setsockopt(
-                    socket.IPPROTO_TCP, socket.TCP_NODELAY, 1
-                )
-            except (OSError, anyio.TypedAttributeLookupError):
-                pass
-        await serve_connection(stream, handler, limits, info, slots)
-
-    await listener.serve(on_connect)

@@ -33,7 +33,7 @@ from modeld.errors import (
     QueueTimeout,
     ShuttingDown,
 )
-from modeld.manager.backend import Backend, GenParams, Generation, LoadedModel
+from modeld.manager.backend import Backend, Generation, GenParams, LoadedModel
 from modeld.manager.planner import Budget, InstanceView, Load, TooLarge, Wait, plan, used_mb
 from modeld.manager.states import State, transition
 from modeld.registry import ModelSpec
@@ -132,7 +132,9 @@ class Manager:
 
     # ---- lifecycle -------------------------------------------------------------------
 
-    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         """Serve until cancelled; owns the load and unload tasks."""
         async with anyio.create_task_group() as tg:
             self._tg = tg
@@ -210,7 +212,8 @@ class Manager:
         if need > budget.usable_mb:
             raise InsufficientVram(
                 f"model {inst.model_id!r} needs about {need} MB but the budget allows "
-                f"{budget.usable_mb} MB ({budget.budget_mb} MB budget - {budget.margin_mb} MB margin)",
+                f"{budget.usable_mb} MB ({budget.budget_mb} MB budget"
+                f" - {budget.margin_mb} MB margin)",
                 param="model",
             )
         cap = self.config.max_inflight
@@ -287,7 +290,9 @@ class Manager:
             self._load_failed(inst, inst.spec.invalid)
             return
         if inst.state is State.ERROR and anyio.current_time() < inst.retry_at:
-            self._fail_waiters(inst, ModelLoadFailed(f"model {inst.model_id!r} failed to load: {inst.error}"))
+            self._fail_waiters(
+                inst, ModelLoadFailed(f"model {inst.model_id!r} failed to load: {inst.error}")
+            )
             return
         decision = plan(self._views(), self._budget(), inst.model_id, inst.effective_mb)
         if isinstance(decision, TooLarge):
@@ -349,11 +354,22 @@ class Manager:
             waiter.load_ms += load_ms
         log.info(
             "loaded %s in %.0f ms: %d MB (estimate %d MB), %d MB in use of %d MB usable",
-            inst.model_id, load_ms, inst.vram_mb, inst.spec.est_vram_mb,
-            self.used_mb, self._budget().usable_mb,
-            extra={"fields": {"event": "load", "model": inst.model_id, "load_ms": round(load_ms, 1),
-                              "vram_mb": inst.vram_mb, "est_vram_mb": inst.spec.est_vram_mb,
-                              "used_mb": self.used_mb}},
+            inst.model_id,
+            load_ms,
+            inst.vram_mb,
+            inst.spec.est_vram_mb,
+            self.used_mb,
+            self._budget().usable_mb,
+            extra={
+                "fields": {
+                    "event": "load",
+                    "model": inst.model_id,
+                    "load_ms": round(load_ms, 1),
+                    "vram_mb": inst.vram_mb,
+                    "est_vram_mb": inst.spec.est_vram_mb,
+                    "used_mb": self.used_mb,
+                }
+            },
         )
         if self._closing:
             self._spawn(self._unload, inst, "shutdown")
@@ -365,9 +381,16 @@ class Manager:
         backoff = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (inst.failures - 1))
         inst.retry_at = anyio.current_time() + backoff
         inst.move(State.ERROR)
-        log.warning("load of %s failed: %s (retry allowed in %.0f s)", inst.model_id, reason, backoff,
-                    extra={"fields": {"event": "load_failed", "model": inst.model_id}})
-        self._fail_waiters(inst, ModelLoadFailed(f"model {inst.model_id!r} failed to load: {reason}"))
+        log.warning(
+            "load of %s failed: %s (retry allowed in %.0f s)",
+            inst.model_id,
+            reason,
+            backoff,
+            extra={"fields": {"event": "load_failed", "model": inst.model_id}},
+        )
+        self._fail_waiters(
+            inst, ModelLoadFailed(f"model {inst.model_id!r} failed to load: {reason}")
+        )
         self._pump()
 
     async def _unload(self, inst: Instance, reason: str, moved: bool = False) -> None:
@@ -375,7 +398,8 @@ class Manager:
             inst.move(State.UNLOADING)
         handle, inst.handle = inst.handle, None
         error: ModeldError = (
-            ShuttingDown("modeld is shutting down") if reason == "shutdown"
+            ShuttingDown("modeld is shutting down")
+            if reason == "shutdown"
             else ModelUnloaded(f"model {inst.model_id!r} was unloaded ({reason})")
         )
         freed = inst.effective_mb
@@ -386,10 +410,21 @@ class Manager:
         finally:
             inst.vram_mb = None
             inst.move(State.UNLOADED)
-            log.info("unloaded %s (%s): %d MB freed", inst.model_id, reason, freed,
-                     extra={"fields": {"event": "unload", "model": inst.model_id,
-                                       "reason": reason, "vram_mb": freed,
-                                       "used_mb": self.used_mb}})
+            log.info(
+                "unloaded %s (%s): %d MB freed",
+                inst.model_id,
+                reason,
+                freed,
+                extra={
+                    "fields": {
+                        "event": "unload",
+                        "model": inst.model_id,
+                        "reason": reason,
+                        "vram_mb": freed,
+                        "used_mb": self.used_mb,
+                    }
+                },
+            )
             self._pump()
 
     def _on_exit(self, inst: Instance, reason: str) -> None:

@@ -67,7 +67,9 @@ def used_mb(instances: Sequence[InstanceView]) -> int:
     return sum(i.vram_mb for i in instances if i.state in RESIDENT)
 
 
-def plan(instances: Sequence[InstanceView], budget: Budget, model_id: str, need_mb: int) -> Decision:
+def plan(
+    instances: Sequence[InstanceView], budget: Budget, model_id: str, need_mb: int
+) -> Decision:
     """Decide how to make room for `need_mb` for `model_id`.
 
     Evicts least-recently-used idle, unpinned, ready instances, only as many as needed.

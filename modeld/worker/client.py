@@ -58,8 +58,14 @@ CLOSE_GRACE_S = 3.0  # time a worker gets to exit after `shutdown` before SIGKIL
 GEN_BUFFER = 64  # event batches buffered per stream; a slow client back-pressures the worker
 STDERR_TAIL = 40  # lines of worker stderr kept for the log when it dies
 # Worker env: never let workers see systemd's variables meant for the daemon.
-SCRUBBED_ENV = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_USEC",
-                "WATCHDOG_PID")
+SCRUBBED_ENV = (
+    "LISTEN_PID",
+    "LISTEN_FDS",
+    "LISTEN_FDNAMES",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+)
 
 ERROR_CODES: dict[str, type[ModeldError]] = {
     "prompt_too_long": PromptTooLong,
@@ -108,9 +114,9 @@ class WorkerProcess:
         self.exit_reason = ""
         self.on_exit: ExitCallback | None = None
         self.stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL)
-        self._control_send, self._control_recv = anyio.create_memory_object_stream[
-            dict[str, Any]
-        ](16)
+        self._control_send, self._control_recv = anyio.create_memory_object_stream[dict[str, Any]](
+            16
+        )
         self._active: dict[int, MemoryObjectSendStream[GenEvent]] = {}
         self._send_lock = anyio.Lock()
         self._closing_error: ModeldError | None = None
@@ -172,9 +178,7 @@ class WorkerProcess:
         if msg is None:
             if self.alive:
                 await self.kill()
-                raise ModelLoadFailed(
-                    f"load did not finish within {settings.load_timeout_s:g} s"
-                )
+                raise ModelLoadFailed(f"load did not finish within {settings.load_timeout_s:g} s")
             raise ModelLoadFailed(self.exit_reason)
         if msg.get("ev") == "loaded":
             return msg
@@ -436,7 +440,7 @@ class ProcessBackend:
 
     async def _refill_spare(self) -> None:
         async with self._spare_lock:
-            if self._spare is not None and self._spare.alive or not self._want_spare:
+            if (self._spare is not None and self._spare.alive) or not self._want_spare:
                 return
             assert self._tg is not None
             try:
@@ -470,7 +474,7 @@ class ProcessBackend:
         if self.settings.gpu:
             vram = process_vram_mb(worker.pid)
         if vram is None:
-            vram = int(round(float(msg.get("rss_mb", 0.0))))
+            vram = round(float(msg.get("rss_mb", 0.0)))
         info = LoadedInfo(
             vram_mb=vram,
             n_ctx=int(msg.get("n_ctx", self.settings.n_ctx)),

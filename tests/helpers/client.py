@@ -42,7 +42,9 @@ class Response:
 class Client:
     """Talks to one daemon over `via` = 'unix' or 'tcp'."""
 
-    def __init__(self, socket_path: str, port: int, via: str = "unix", timeout: float = 60.0) -> None:
+    def __init__(
+        self, socket_path: str, port: int, via: str = "unix", timeout: float = 60.0
+    ) -> None:
         self.socket_path = socket_path
         self.port = port
         self.via = via
@@ -63,7 +65,11 @@ class Client:
     ) -> Response:
         conn = self.connection()
         try:
-            data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+            data = (
+                raw
+                if raw is not None
+                else (json.dumps(body).encode() if body is not None else None)
+            )
             hdrs = dict(headers or {})
             if data is not None:
                 hdrs.setdefault("Content-Type", "application/json")
@@ -79,12 +85,18 @@ class Client:
     def infer(self, **body: Any) -> Response:
         return self.request("POST", "/infer", body)
 
-    def stream(self, body: dict[str, Any], headers: dict[str, str] | None = None) -> Iterator[dict[str, Any]]:
+    def stream(
+        self, body: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> Iterator[dict[str, Any]]:
         """Yield ndjson events as they arrive; closing the generator drops the connection."""
         conn = self.connection()
         try:
-            conn.request("POST", "/infer", body=json.dumps(body).encode(),
-                         headers={"Content-Type": "application/json", **(headers or {})})
+            conn.request(
+                "POST",
+                "/infer",
+                body=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json", **(headers or {})},
+            )
             resp = conn.getresponse()
             if resp.status != 200:
                 raise AssertionError(f"status {resp.status}: {resp.read()!r}")

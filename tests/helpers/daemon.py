@@ -35,9 +35,20 @@ class Daemon:
         self.log_path = self.tmp / "daemon.log"
 
     def start(self, wait_ready: bool = False) -> Daemon:
-        cmd = [sys.executable, "-m", "modeld", "--models-dir", str(self.models_dir),
-               "--socket", self.socket_path, "--listen", f"127.0.0.1:{self.port}",
-               "--log-format", "json", *self.args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "modeld",
+            "--models-dir",
+            str(self.models_dir),
+            "--socket",
+            self.socket_path,
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            "--log-format",
+            "json",
+            *self.args,
+        ]
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
         deadline = time.monotonic() + START_TIMEOUT_S

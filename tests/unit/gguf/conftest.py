@@ -76,6 +76,8 @@ def write_model(
         else:
             keys[key] = value
     writer = gguf.GGUFWriter(path, arch, split_max_tensors=split_max_tensors)
+    if "general.alignment" in keys and keys["general.alignment"][0] > 0:
+        writer.data_alignment = keys["general.alignment"][0]
     for key, (value, vtype) in keys.items():
         if key == "general.architecture":
             continue

@@ -32,7 +32,9 @@ def anyio_backend() -> tuple[str, dict[str, Any]]:
 
 @asynccontextmanager
 async def running(backend: FakeBackend, **cfg: Any) -> AsyncIterator[Manager]:
-    config = ManagerConfig(budget_mb=cfg.pop("budget_mb", 1000), margin_mb=cfg.pop("margin_mb", 0), **cfg)
+    config = ManagerConfig(
+        budget_mb=cfg.pop("budget_mb", 1000), margin_mb=cfg.pop("margin_mb", 0), **cfg
+    )
     manager = Manager(backend, config)
     async with anyio.create_task_group() as tg:
         await tg.start(manager.run)
@@ -41,8 +43,15 @@ async def running(backend: FakeBackend, **cfg: Any) -> AsyncIterator[Manager]:
         tg.cancel_scope.cancel()
 
 
-async def generate(manager: Manager, model_id: str, tokens: int = 3, hold: anyio.Event | None = None,
-                   log: list[str] | None = None, tag: str = "", mb: int = 0) -> list[str]:
+async def generate(
+    manager: Manager,
+    model_id: str,
+    tokens: int = 3,
+    hold: anyio.Event | None = None,
+    log: list[str] | None = None,
+    tag: str = "",
+    mb: int = 0,
+) -> list[str]:
     out: list[str] = []
     mb = mb or manager.backend.sizes.get(model_id, 100)  # type: ignore[attr-defined]
     async with manager.acquire(spec(model_id, mb)) as lease:
@@ -197,7 +206,10 @@ async def test_lru_eviction_of_idle_instances() -> None:
 async def test_eviction_never_touches_busy_instances_and_the_load_waits() -> None:
     backend = FakeBackend({"a": 400, "b": 400, "c": 400})
     hold_a, hold_b = anyio.Event(), anyio.Event()
-    async with running(backend, budget_mb=1000, margin_mb=100) as m, anyio.create_task_group() as tg:
+    async with (
+        running(backend, budget_mb=1000, margin_mb=100) as m,
+        anyio.create_task_group() as tg,
+    ):
         tg.start_soon(generate, m, "a", 3, hold_a)
         tg.start_soon(generate, m, "b", 3, hold_b)
         await anyio.sleep(2)
@@ -228,8 +240,9 @@ async def test_too_large_model_is_refused_at_once() -> None:
 
 async def test_pinned_instance_is_not_evicted() -> None:
     backend = FakeBackend({"a": 500, "b": 500})
-    async with running(backend, budget_mb=1000, margin_mb=100, pinned=frozenset({"a"}),
-                       max_wait_ms=2000) as m:
+    async with running(
+        backend, budget_mb=1000, margin_mb=100, pinned=frozenset({"a"}), max_wait_ms=2000
+    ) as m:
         await generate(m, "a")
         with pytest.raises(QueueTimeout):
             await generate(m, "b")

@@ -8,8 +8,15 @@ from modeld.manager.states import State
 BUDGET = Budget(budget_mb=1000, margin_mb=100)  # 900 usable
 
 
-def inst(mid: str, mb: int, *, state: State = State.READY, used: float = 0.0,
-         busy: bool = False, pinned: bool = False) -> InstanceView:
+def inst(
+    mid: str,
+    mb: int,
+    *,
+    state: State = State.READY,
+    used: float = 0.0,
+    busy: bool = False,
+    pinned: bool = False,
+) -> InstanceView:
     return InstanceView(mid, state, mb, used, busy, pinned)
 
 
@@ -21,7 +28,8 @@ def test_margin_is_kept_free() -> None:
     # 300 + 600 = 900 fits exactly in 1000 - 100; 601 does not.
     assert plan([inst("a", 300)], BUDGET, "b", 600) == Load()
     assert plan([inst("a", 300, busy=True)], BUDGET, "b", 601) == Wait(
-        "the instances that could make room are busy, loading or pinned")
+        "the instances that could make room are busy, loading or pinned"
+    )
 
 
 def test_evicts_least_recently_used_first() -> None:

@@ -1,4 +1,4 @@
-"""Test helpers: a scriptable fake modeld for the CLI's tests, on a temp Unix socket and on 127.0.0.1.
+"""Test helpers: a scriptable fake modeld on a temp Unix socket and on 127.0.0.1.
 
 Each route answers with a list of `Reply`s in turn (the last one repeats). A reply is a
 whole JSON body or a chunked ndjson stream; a stream may go on "forever" (until the client
@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import re
 import socket
 import socketserver
 import threading
@@ -68,6 +69,69 @@ DONE = {
 
 def token_events(*texts: str) -> list[dict[str, Any]]:
     return [{"type": "token", "text": t} for t in texts]
+
+
+# A /models answer: one model never loaded, one whose load failed.
+MODELS = {
+    "models": [
+        {
+            "id": "smollm2.gguf",
+            "name": "smollm2.gguf",
+            "path": "/m/smollm2.gguf",
+            "size_bytes": 98_000_000,
+            "est_vram_mb": 612,
+            "vram_mb": None,
+            "state": "unloaded",
+            "error": None,
+        },
+        {
+            "id": "broken.gguf",
+            "size_bytes": 1_500_000_000,
+            "est_vram_mb": 2100,
+            "vram_mb": 2050,
+            "state": "error",
+            "error": "bad magic",
+        },
+    ]
+}
+
+# A /status answer with one pinned, busy instance.
+STATUS = {
+    "vram": {
+        "budget_mb": 24000,
+        "margin_mb": 512,
+        "used_mb": 612,
+        "available_mb": 22876,
+        "source": "config",
+    },
+    "inflight": 1,
+    "max_inflight": 0,
+    "rejected": {"queue_full": 2, "queue_timeout": 0, "overloaded": 0},
+    "cancelled": 3,
+    "instances": [
+        {
+            "model_id": "smollm2.gguf",
+            "state": "ready",
+            "last_used": 1764355200.5,
+            "est_vram_mb": 612,
+            "vram_mb": 598,
+            "inflight": 1,
+            "queue_depth": 4,
+            "oldest_wait_ms": 0,
+            "loads": 1,
+            "pinned": True,
+            "error": None,
+        }
+    ],
+}
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # terminal control sequences, to read text
+
+
+def plain(text: str) -> str:
+    """Text as a person reads it off the terminal: control sequences removed."""
+    return ANSI.sub("", text)
 
 
 @dataclass

@@ -5,9 +5,17 @@ from __future__ import annotations
 import json
 
 import pytest
-from modelctl_fakes import FakeDaemon, Reply, Terminal, error_reply, json_reply, run_cli
-from test_infer import ANSI
-from test_views import MODELS, STATUS
+from modelctl_fakes import (
+    MODELS,
+    STATUS,
+    FakeDaemon,
+    Reply,
+    Terminal,
+    error_reply,
+    json_reply,
+    plain,
+    run_cli,
+)
 
 from modelctl.exitcodes import ExitCode
 
@@ -65,7 +73,7 @@ def test_status_watch_redraws_until_ctrl_c(fake: FakeDaemon, sock_args: list[str
     assert len(fake.requests) == 3
     assert run.stdout.count("Ctrl-C to stop") >= 3  # a frame a refresh (Live repeats the last)
     assert "\x1b[2K" in run.stdout  # redrawn in place: lines erased, not appended
-    last_row = ANSI.sub("", run.stdout).rstrip().splitlines()[-1]
+    last_row = plain(run.stdout).rstrip().splitlines()[-1]
     assert last_row.split()[-2:] == ["1", "9"]  # the last frame has the newer figures
 
 
@@ -106,9 +114,7 @@ def test_status_watch_unreachable_at_start_exits_5(tmp_path: object) -> None:
 @pytest.mark.parametrize(
     ("ready", "code", "word"), [(True, 0, "live, ready"), (False, 1, "live, not ready")]
 )
-def test_health(
-    fake: FakeDaemon, sock_args: list[str], ready: bool, code: int, word: str
-) -> None:
+def test_health(fake: FakeDaemon, sock_args: list[str], ready: bool, code: int, word: str) -> None:
     fake.route("GET", "/healthz", json_reply({"status": "ok"}))
     fake.route("GET", "/readyz", json_reply({"ready": ready}, status=200 if ready else 503))
     run = run_cli([*sock_args, "health"])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
 from modelctl_fakes import (
@@ -12,18 +11,13 @@ from modelctl_fakes import (
     Terminal,
     error_reply,
     json_reply,
+    plain,
     run_cli,
     stream_reply,
     token_events,
 )
 
 from modelctl.exitcodes import ExitCode
-
-ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-
-
-def plain(text: str) -> str:
-    return ANSI.sub("", text)
 
 
 def test_pipe_output_carries_only_the_text(fake: FakeDaemon, sock_args: list[str]) -> None:
@@ -256,3 +250,16 @@ def test_command_line_socket_wins_over_env_url(fake: FakeDaemon, sock_args: list
 )
 def test_bad_endpoint_options_are_usage_errors(args: list[str]) -> None:
     assert run_cli([*args, "infer", "hi"]).exit_code == ExitCode.USAGE
+
+
+def test_terminal_shows_a_spinner_while_waiting(fake: FakeDaemon, sock_args: list[str]) -> None:
+    whole = {k: v for k, v in DONE.items() if k != "type"} | {"text": "late"}
+    reply = json_reply(whole)
+    reply.delay_s = 0.3  # the head comes late: queued, or the model loads
+    fake.route("POST", "/infer", reply)
+    term = Terminal(stdout_tty=True, stderr_tty=True)
+    run = run_cli([*sock_args, "infer", "-m", "tiny.gguf", "--no-stream", "hi"], term)
+    assert run.exit_code == 0
+    assert run.stdout == "late\n"
+    assert "waiting for tiny.gguf" in plain(run.stderr)
+    assert plain(run.stderr).rstrip().endswith("tiny.gguf")  # the stats line comes last

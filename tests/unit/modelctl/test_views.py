@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 import pytest
+from modelctl_fakes import MODELS, STATUS
 from rich.console import Console, RenderableType
 
 from modelctl.schema import ModelInfo, Outcome, Status, Vram, parse_models
@@ -16,58 +17,6 @@ from modelctl.views import (
     status_view,
     vram_bar,
 )
-
-MODELS = {
-    "models": [
-        {
-            "id": "smollm2.gguf",
-            "name": "smollm2.gguf",
-            "path": "/m/smollm2.gguf",
-            "size_bytes": 98_000_000,
-            "est_vram_mb": 612,
-            "vram_mb": None,
-            "state": "unloaded",
-            "error": None,
-        },
-        {
-            "id": "broken.gguf",
-            "size_bytes": 1_500_000_000,
-            "est_vram_mb": 2100,
-            "vram_mb": 2050,
-            "state": "error",
-            "error": "bad magic",
-        },
-    ]
-}
-
-STATUS = {
-    "vram": {
-        "budget_mb": 24000,
-        "margin_mb": 512,
-        "used_mb": 612,
-        "available_mb": 22876,
-        "source": "config",
-    },
-    "inflight": 1,
-    "max_inflight": 0,
-    "rejected": {"queue_full": 2, "queue_timeout": 0, "overloaded": 0},
-    "cancelled": 3,
-    "instances": [
-        {
-            "model_id": "smollm2.gguf",
-            "state": "ready",
-            "last_used": 1764355200.5,
-            "est_vram_mb": 612,
-            "vram_mb": 598,
-            "inflight": 1,
-            "queue_depth": 4,
-            "oldest_wait_ms": 0,
-            "loads": 1,
-            "pinned": True,
-            "error": None,
-        }
-    ],
-}
 
 
 def render(renderable: RenderableType, width: int = 120) -> str:
@@ -126,9 +75,7 @@ def test_vram_bar_without_budget() -> None:
 def test_status_view() -> None:
     text = render(status_view(Status.from_json(STATUS), now=1764355260.0))
     assert "612 / 24000 MB used" in text
-    assert "in flight 1 (no limit)" in text
-    assert "queue_full 2" in text
-    assert "cancelled 3" in text
+    assert "in flight 1 · rejected queue_full 2 · cancelled 3" in text
     row = next(line for line in text.splitlines() if line.startswith("smollm2.gguf"))
     assert row.split() == [
         "smollm2.gguf",

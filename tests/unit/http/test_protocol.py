@@ -1,0 +1,104 @@
+"""The sans-IO HTTP core: bytes in, requests and failures out, no sockets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from modeld.errors import InvalidRequest
+from modeld.http.protocol import CLOSED, NEED_DATA, Failure, Limits, Request, ServerConnection
+
+SMALL = Limits(max_head_bytes=1024, max_body_bytes=100)
+
+
+def feed(conn: ServerConnection, data: bytes) -> object:
+    conn.receive(data)
+    return conn.next()
+
+
+def test_a_simple_get_in_pieces() -> None:
+    conn = ServerConnection(SMALL)
+    assert feed(conn, b"GET /hea") is NEED_DATA
+    req = feed(conn, b"lthz?x=1 HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert isinstance(req, Request)
+    assert (req.method, req.path, req.query, req.header("HOST")) == ("GET", "/healthz", "x=1", "a")
+
+
+def test_body_with_content_length_and_chunked() -> None:
+    conn = ServerConnection(SMALL)
+    req = feed(conn, b"POST /infer HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n{}")
+    assert isinstance(req, Request) and req.body == b"{}"
+    conn2 = ServerConnection(SMALL)
+    raw = (
+        b"POST /infer HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
+    )
+    req2 = feed(conn2, raw)
+    assert isinstance(req2, Request) and req2.body == b"{}"
+
+
+def test_keep_alive_and_pipelining() -> None:
+    conn = ServerConnection(SMALL)
+    first = feed(conn, b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert isinstance(first, Request) and first.path == "/a"
+    out = conn.full_response(200, [], b"ok")
+    assert out.startswith(b"HTTP/1.1 200 OK\r\n") and out.endswith(b"ok")
+    assert conn.next_cycle()
+    second = conn.next()
+    assert isinstance(second, Request) and second.path == "/b"
+
+
+def test_head_too_large_is_431() -> None:
+    conn = ServerConnection(SMALL)
+    out = feed(conn, b"GET / HTTP/1.1\r\nX: " + b"a" * 2000)
+    assert isinstance(out, Failure) and out.error.http_status == 431
+
+
+def test_body_too_large_is_413_from_content_length_before_reading() -> None:
+    conn = ServerConnection(SMALL)
+    out = feed(conn, b"POST /infer HTTP/1.1\r\nHost: a\r\nContent-Length: 101\r\n\r\n")
+    assert isinstance(out, Failure) and out.error.http_status == 413
+
+
+def test_chunked_body_too_large_is_413_while_reading() -> None:
+    conn = ServerConnection(SMALL)
+    feed(conn, b"POST /infer HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+    out = feed(conn, b"40\r\n" + b"x" * 64 + b"\r\n40\r\n" + b"x" * 64 + b"\r\n")
+    assert isinstance(out, Failure) and out.error.http_status == 413
+
+
+def test_smuggling_both_lengths_is_400() -> None:
+    conn = ServerConnection(SMALL)
+    raw = (
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    )
+    out = feed(conn, raw)
+    assert isinstance(out, Failure) and out.error.http_status == 400
+    response = conn.error_response(out.error, close=True)
+    assert b"Connection: close" in response
+    body = json.loads(response.split(b"\r\n\r\n", 1)[1])
+    assert body["error"]["code"] == "bad_request"
+
+
+def test_garbage_is_400_and_unknown_coding_is_501() -> None:
+    out = feed(ServerConnection(SMALL), b"\x00\xff garbage\r\n\r\n")
+    assert isinstance(out, Failure) and out.error.http_status == 400
+    raw = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n"
+    out = feed(ServerConnection(SMALL), raw)
+    assert isinstance(out, Failure) and out.error.http_status == 501
+
+
+def test_clean_close_between_requests() -> None:
+    conn = ServerConnection(SMALL)
+    assert feed(conn, b"") is CLOSED
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"", b"{", b"NaN", b'{"a": Infinity}', b"\xff\xfe", b"[" * 100_000],
+)
+def test_request_json_errors_are_clear_400s(body: bytes) -> None:
+    req = Request("POST", "/infer", "/infer", "", (), body)
+    with pytest.raises(InvalidRequest):
+        req.json()
