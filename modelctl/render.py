@@ -121,10 +121,6 @@ def print_error(env: Environment, error: ClientError) -> None:
         env.err.print(Text(f"hint: {START_HINT}", style="dim"))
 
 
-def print_usage_error(env: Environment, message: str) -> None:
-    env.err.print(Text.assemble(("error: ", "bold red"), message))
-
-
 def waiting(env: Environment, model: str | None) -> AbstractContextManager[object]:
     """A spinner with elapsed time on stderr while a request waits; nothing when piped."""
     if not (env.interactive and env.stderr_isatty):

@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from modelctl import render
-from modelctl.client import DaemonError, ProtocolError, Response
+from modelctl.client import ClientError, DaemonError, ProtocolError, Response
 from modelctl.context import App, complete_model_id, pass_app
 from modelctl.render import Environment, TextStream
 from modelctl.schema import Outcome
@@ -96,10 +96,12 @@ def print_stream(env: Environment, response: Response, as_json: bool) -> Outcome
             elif kind == "done":
                 outcome = Outcome.from_json(event)
             elif kind == "error":
-                text.finish()
                 raise DaemonError.from_object(event)
     except KeyboardInterrupt:
         render.interrupted(env, text)
+        raise
+    except ClientError:
+        text.finish()  # the error message goes on a line of its own
         raise
     text.finish()
     if outcome is None:

@@ -3,6 +3,10 @@
 The status line is decided when generation starts (the worker's `Started` event):
 everything that fails before it is a plain error response with its own status; after it,
 the stream ends with an `error` event instead of `done`.
+
+`track_request` and `run_generation` are the one request path every generating endpoint
+shares (the OpenAI-compatible ones too): the request log line and `/status` counters,
+a turn from the manager, the generation, and its events handed to a `GenerationSink`.
 """
 
 from __future__ import annotations
@@ -10,8 +14,10 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 
@@ -19,7 +25,7 @@ from modeld.api import validate as v
 from modeld.errors import ModeldError, NoDefaultModel
 from modeld.http.protocol import Request
 from modeld.http.server import ClientGone, Responder
-from modeld.manager.backend import Failed, Finished, GenParams, Started, Tokens
+from modeld.manager.backend import Failed, Finished, GenParams, LoadedInfo, Started, Tokens
 from modeld.manager.manager import Manager
 from modeld.registry import ModelSpec, Registry
 
@@ -78,6 +84,16 @@ class Outcome:
         self.ttft_ms: float | None = None
         self.tokens = 0
 
+    def timings(self) -> dict[str, float]:
+        """The `timings` object of a finished request."""
+        total_ms = _ms(time.monotonic() - self.request.received_at)
+        return {
+            "queue_ms": self.queue_ms,
+            "load_ms": self.load_ms,
+            "ttft_ms": self.ttft_ms if self.ttft_ms is not None else total_ms,
+            "total_ms": total_ms,
+        }
+
     def log(self, status: int) -> None:
         total_ms = _ms(time.monotonic() - self.request.received_at)
         log.info(
@@ -104,6 +120,94 @@ class Outcome:
         )
 
 
+@asynccontextmanager
+async def track_request(
+    request: Request, res: Responder, manager: Manager
+) -> AsyncIterator[Outcome]:
+    """Yield the request's Outcome; count a client that left and log one line at the end."""
+    outcome = Outcome(request)
+    error_status = 0
+    try:
+        yield outcome
+    except ModeldError as exc:
+        outcome.how = exc.code
+        error_status = exc.http_status
+        raise
+    except anyio.get_cancelled_exc_class():
+        if res.client_gone:
+            outcome.how = "client_gone"
+            manager.note_cancelled()
+        raise
+    except ClientGone:
+        outcome.how = "client_gone"
+        manager.note_cancelled()
+        raise
+    finally:
+        status = res.status or error_status or (499 if res.client_gone else 0)
+        with anyio.CancelScope(shield=True):
+            outcome.log(status)
+
+
+class GenerationSink(Protocol):
+    """Where one generation's events go once the worker has accepted the prompt."""
+
+    async def started(self, event: Started) -> None:
+        """The status line can go out now."""
+        ...
+
+    async def tokens(self, texts: tuple[str, ...]) -> None: ...
+
+    async def finished(self, event: Finished) -> None: ...
+
+    async def failed(self, error: ModeldError) -> None:
+        """The generation failed after `started`; raise to turn it into an error response."""
+        ...
+
+
+ParamsFor = Callable[[LoadedInfo], Awaitable[GenParams]]
+
+
+async def run_generation(
+    manager: Manager,
+    spec: ModelSpec,
+    params: GenParams | ParamsFor,
+    sink: GenerationSink,
+    outcome: Outcome,
+) -> None:
+    """Take a turn on `spec` (loading it if needed), run one generation, feed `sink`.
+
+    `params` may be a function of the loaded model's facts (a chat prompt needs the
+    model's template). Anything raised before `sink.started` is a plain error response.
+    """
+    async with manager.acquire(spec) as lease:
+        outcome.queue_ms, outcome.load_ms = round(lease.queue_ms, 2), round(lease.load_ms, 2)
+        if not isinstance(params, GenParams):
+            params = await params(lease.model.info)
+        async with lease.generate(params) as gen:
+            first = await gen.next()
+            if isinstance(first, Failed):
+                raise first.error
+            assert isinstance(first, Started)
+            await sink.started(first)
+            while True:
+                event = await gen.next()
+                if isinstance(event, Tokens):
+                    if outcome.ttft_ms is None:
+                        outcome.ttft_ms = _ms(time.monotonic() - outcome.request.received_at)
+                    outcome.tokens += len(event.texts)
+                    await sink.tokens(event.texts)
+                elif isinstance(event, Finished):
+                    outcome.tokens = event.completion_tokens
+                    outcome.how = event.finish_reason
+                    await sink.finished(event)
+                    return
+                else:
+                    assert isinstance(event, Failed)
+                    outcome.how = event.error.code
+                    await sink.failed(event.error)
+                    return
+
+
 class Framer:
     """Turns events into ndjson lines or SSE messages."""
 
@@ -121,6 +225,65 @@ class Framer:
         return b"".join(self.event({"type": "token", "text": t}) for t in texts)
 
 
+class InferSink:
+    """/infer's answer: ndjson or SSE events when streaming, one JSON object when not."""
+
+    def __init__(
+        self, res: Responder, spec: ModelSpec, stream: bool, framer: Framer, outcome: Outcome
+    ) -> None:
+        self.res = res
+        self.spec = spec
+        self.stream = stream
+        self.framer = framer
+        self.outcome = outcome
+        self.texts: list[str] = []
+
+    async def started(self, event: Started) -> None:
+        if self.stream:
+            await self.res.start(
+                200, [("Content-Type", self.framer.content_type), ("Cache-Control", "no-cache")]
+            )
+
+    async def tokens(self, texts: tuple[str, ...]) -> None:
+        if self.stream:
+            await self.res.send(self.framer.tokens(texts))
+        else:
+            self.texts.extend(texts)
+
+    async def finished(self, event: Finished) -> None:
+        usage = {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens}
+        timings = self.outcome.timings()
+        if self.stream:
+            done = {
+                "type": "done",
+                "model": self.spec.id,
+                "finish_reason": event.finish_reason,
+                "usage": usage,
+                "timings": timings,
+            }
+            await self.res.send(self.framer.event(done))
+            await self.res.end()
+            return
+        body = {
+            "model": self.spec.id,
+            "text": "".join(self.texts),
+            "finish_reason": event.finish_reason,
+            "usage": usage,
+            "timings": timings,
+        }
+        await self.res.respond(
+            200,
+            [("Content-Type", "application/json")],
+            json.dumps(body, ensure_ascii=False).encode(),
+        )
+
+    async def failed(self, error: ModeldError) -> None:
+        if not self.stream:
+            raise error
+        await self.res.send(self.framer.event({"type": "error", **error.to_json()}))
+        await self.res.end()
+
+
 async def handle_infer(
     request: Request,
     res: Responder,
@@ -128,114 +291,10 @@ async def handle_infer(
     manager: Manager,
     default_model: str | None,
 ) -> None:
-    outcome = Outcome(request)
-    try:
+    async with track_request(request, res, manager) as outcome:
         parsed = parse_infer(request.json())
         spec = resolve_model(registry, parsed.model, default_model)
         outcome.model = spec.id
-        sse = SSE in (request.header("accept") or "")
-        await _generate(request, res, manager, spec, parsed, Framer(sse), outcome)
-    except ModeldError as exc:
-        outcome.how = exc.code
-        raise
-    except anyio.get_cancelled_exc_class():
-        if res.client_gone:
-            outcome.how = "client_gone"
-            manager.note_cancelled()
-        raise
-    except ClientGone:
-        outcome.how = "client_gone"
-        manager.note_cancelled()
-        raise
-    finally:
-        status = res.status or (499 if res.client_gone else 0)
-        with anyio.CancelScope(shield=True):
-            outcome.log(status)
-
-
-async def _generate(
-    request: Request,
-    res: Responder,
-    manager: Manager,
-    spec: ModelSpec,
-    parsed: InferRequest,
-    framer: Framer,
-    outcome: Outcome,
-) -> None:
-    async with manager.acquire(spec) as lease:
-        outcome.queue_ms, outcome.load_ms = round(lease.queue_ms, 2), round(lease.load_ms, 2)
-        async with lease.generate(parsed.params) as gen:
-            first = await gen.next()
-            if isinstance(first, Failed):
-                raise first.error
-            assert isinstance(first, Started)
-            if parsed.stream:
-                await res.start(
-                    200, [("Content-Type", framer.content_type), ("Cache-Control", "no-cache")]
-                )
-            texts: list[str] = []
-            while True:
-                event = await gen.next()
-                if isinstance(event, Tokens):
-                    if outcome.ttft_ms is None:
-                        outcome.ttft_ms = _ms(time.monotonic() - request.received_at)
-                    outcome.tokens += len(event.texts)
-                    if parsed.stream:
-                        await res.send(framer.tokens(event.texts))
-                    else:
-                        texts.extend(event.texts)
-                elif isinstance(event, Finished):
-                    await _finish(request, res, spec, parsed, framer, outcome, event, texts)
-                    return
-                else:
-                    assert isinstance(event, Failed)
-                    outcome.how = event.error.code
-                    if not parsed.stream:
-                        raise event.error
-                    await res.send(framer.event({"type": "error", **event.error.to_json()}))
-                    await res.end()
-                    return
-
-
-async def _finish(
-    request: Request,
-    res: Responder,
-    spec: ModelSpec,
-    parsed: InferRequest,
-    framer: Framer,
-    outcome: Outcome,
-    event: Finished,
-    texts: list[str],
-) -> None:
-    outcome.tokens = event.completion_tokens
-    outcome.how = event.finish_reason
-    timings = {
-        "queue_ms": outcome.queue_ms,
-        "load_ms": outcome.load_ms,
-        "ttft_ms": outcome.ttft_ms
-        if outcome.ttft_ms is not None
-        else _ms(time.monotonic() - request.received_at),
-        "total_ms": _ms(time.monotonic() - request.received_at),
-    }
-    usage = {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens}
-    if parsed.stream:
-        done = {
-            "type": "done",
-            "model": spec.id,
-            "finish_reason": event.finish_reason,
-            "usage": usage,
-            "timings": timings,
-        }
-        await res.send(framer.event(done))
-        await res.end()
-        return
-    body = {
-        "model": spec.id,
-        "text": "".join(texts),
-        "finish_reason": event.finish_reason,
-        "usage": usage,
-        "timings": timings,
-    }
-    await res.respond(
-        200, [("Content-Type", "application/json")], json.dumps(body, ensure_ascii=False).encode()
-    )
+        framer = Framer(SSE in (request.header("accept") or ""))
+        sink = InferSink(res, spec, parsed.stream, framer, outcome)
+        await run_generation(manager, spec, parsed.params, sink, outcome)

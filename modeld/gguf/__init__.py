@@ -5,6 +5,9 @@ The daemon inspects every model file here before a llama.cpp worker ever opens i
 
 from __future__ import annotations
 
-from modeld.gguf.validate import InvalidModelFile, validate_gguf
 
-__all__ = ["InvalidModelFile", "validate_gguf"]
+class InvalidModelFile(ValueError):
+    """A model file the daemon will not hand to a worker; str() is the short reason."""
+
+
+__all__ = ["InvalidModelFile"]

@@ -14,13 +14,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from modeld.gguf import InvalidModelFile
+from modeld.gguf.reader import ArrayValue, GGUFHeader, Value, read_header
 from modeld.gguf.validate import (
-    ArrayValue,
-    GGUFHeader,
-    InvalidModelFile,
-    Value,
     language_model_problem,
-    read_header,
     read_split_headers,
     split_info,
     split_parts,

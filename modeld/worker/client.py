@@ -301,6 +301,13 @@ class WorkerProcess:
         stream = self._active.get(rid)
         if stream is None:
             return  # a request that has already gone away
+        closing = self._closing_error
+        if (
+            closing is not None
+            and isinstance(event, Finished)
+            and event.finish_reason == "cancelled"
+        ):
+            event = Failed(closing)  # stopped by an unload, not by its client: say why
         try:
             await stream.send(event)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):

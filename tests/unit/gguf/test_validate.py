@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import struct
 import time
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -14,13 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from modeld.gguf import InvalidModelFile as ExportedInvalidModelFile
-from modeld.gguf.validate import (
-    ArrayValue,
-    InvalidModelFile,
-    read_header,
-    split_parts,
-    validate_gguf,
-)
+from modeld.gguf.reader import ArrayValue, read_header
+from modeld.gguf.validate import InvalidModelFile, split_parts, validate_gguf
 from tests.unit.gguf.conftest import (
     DROP,
     ModelWriter,
@@ -78,7 +75,7 @@ def test_header_matches_gguf_reader(tiny_model: Path) -> None:
 
 
 def test_all_value_types_round_trip(make_model: ModelWriter) -> None:
-    values = {
+    values: dict[str, tuple[Any, Any]] = {
         "x.u8": (200, V.UINT8),
         "x.i8": (-100, V.INT8),
         "x.u16": (60000, V.UINT16),
@@ -117,6 +114,20 @@ def test_tiny_gguf_helper_output_validates(tmp_path: Path) -> None:
     validate_gguf(path)
 
 
+def test_malformed_corpus_is_rejected_cleanly(tmp_path: Path) -> None:
+    """The devtools corpus: all rejected, bar files llama.cpp itself loads or refuses cleanly."""
+    bad_gguf = pytest.importorskip("modeld.devtools.bad_gguf")
+    base = bad_gguf.write_small_base(tmp_path / "base.gguf.valid")
+    validate_gguf(base)
+    for path, why in bad_gguf.make_corpus(tmp_path / "corpus", base):
+        try:
+            validate_gguf(path)
+        except InvalidModelFile as exc:
+            assert INTERNAL not in str(exc), why
+        else:
+            assert "(loads)" in why or re.fullmatch(r"tensor \S+ missing", why), why
+
+
 def test_every_truncation_is_rejected(tiny_model: Path) -> None:
     """Every cut inside the metadata and tensor infos, and every 251st one in the data."""
     data = tiny_model.read_bytes()
@@ -151,7 +162,9 @@ def test_random_byte_flips_never_raise_anything_else(
 
 @settings(max_examples=200, deadline=None)
 @given(blob=st.binary(max_size=256))
-def test_arbitrary_bytes_after_a_valid_prefix(blob: bytes, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_arbitrary_bytes_after_a_valid_prefix(
+    blob: bytes, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     path = tmp_path_factory.mktemp("blob") / "x.gguf"
     prefix = b"GGUF" + struct.pack("<IQQ", 3, 1, 2)
     path.write_bytes(prefix + blob)
@@ -243,9 +256,13 @@ def test_non_utf8_key_is_rejected_but_value_is_tolerated(tiny_model: Path) -> No
 
 def test_alignment(make_model: ModelWriter) -> None:
     validate_gguf(make_model("a64.gguf", kv={"general.alignment": (64, V.UINT32)}))
-    assert "power of two" in reason(make_model("a48.gguf", kv={"general.alignment": (48, V.UINT32)}))
+    assert "power of two" in reason(
+        make_model("a48.gguf", kv={"general.alignment": (48, V.UINT32)})
+    )
     assert "power of two" in reason(make_model("a0.gguf", kv={"general.alignment": (0, V.UINT32)}))
-    assert "power of two" in reason(make_model("a64i.gguf", kv={"general.alignment": (64, V.INT32)}))
+    assert "power of two" in reason(
+        make_model("a64i.gguf", kv={"general.alignment": (64, V.INT32)})
+    )
 
 
 @pytest.mark.parametrize(
@@ -262,7 +279,10 @@ def test_alignment(make_model: ModelWriter) -> None:
         ({"llama.embedding_length": (0, V.UINT32)}, "'llama.embedding_length' must not be 0"),
         ({"tokenizer.ggml.tokens": DROP}, "no tokenizer.ggml.tokens"),
         ({"tokenizer.ggml.tokens": ([1, 2], V.ARRAY)}, "no tokenizer.ggml.tokens"),
-        ({"general.type": ("adapter", V.STRING), "adapter.type": ("lora", V.STRING)}, "adapter (lora)"),
+        (
+            {"general.type": ("adapter", V.STRING), "adapter.type": ("lora", V.STRING)},
+            "adapter (lora)",
+        ),
     ],
 )
 def test_language_model_keys(make_model: ModelWriter, kv: dict[str, object], expected: str) -> None:

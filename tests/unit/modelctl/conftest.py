@@ -7,7 +7,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from modelctl_fakes import FakeDaemon, serve
+
+from tests.unit.modelctl.fakes import FakeDaemon, serve
 
 
 @pytest.fixture

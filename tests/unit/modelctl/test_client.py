@@ -6,12 +6,6 @@ import socket
 from pathlib import Path
 
 import pytest
-from modelctl_fakes import (
-    FakeDaemon,
-    Reply,
-    error_reply,
-    json_reply,
-)
 
 from modelctl.client import (
     Client,
@@ -20,6 +14,12 @@ from modelctl.client import (
     Endpoint,
     ProtocolError,
     Unreachable,
+)
+from tests.unit.modelctl.fakes import (
+    FakeDaemon,
+    Reply,
+    error_reply,
+    json_reply,
 )
 
 

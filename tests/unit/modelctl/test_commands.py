@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from modelctl_fakes import (
+
+from modelctl.exitcodes import ExitCode
+from tests.unit.modelctl.fakes import (
     MODELS,
     STATUS,
     FakeDaemon,
@@ -16,8 +18,6 @@ from modelctl_fakes import (
     plain,
     run_cli,
 )
-
-from modelctl.exitcodes import ExitCode
 
 
 def test_models_table(fake: FakeDaemon, sock_args: list[str]) -> None:

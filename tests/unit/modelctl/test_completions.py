@@ -6,10 +6,10 @@ import time
 from pathlib import Path
 
 from click.testing import CliRunner
-from modelctl_fakes import MODELS, FakeDaemon, json_reply
 
 from modelctl.cli import cli
 from modelctl.completions import generate, render_scripts, stale_files
+from tests.unit.modelctl.fakes import MODELS, FakeDaemon, json_reply
 
 COMPLETIONS_DIR = Path(__file__).resolve().parents[3] / "completions"
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from modelctl_fakes import (
+
+from modelctl.exitcodes import ExitCode
+from tests.unit.modelctl.fakes import (
     DONE,
     FakeDaemon,
     Terminal,
@@ -16,8 +18,6 @@ from modelctl_fakes import (
     stream_reply,
     token_events,
 )
-
-from modelctl.exitcodes import ExitCode
 
 
 def test_pipe_output_carries_only_the_text(fake: FakeDaemon, sock_args: list[str]) -> None:
@@ -141,7 +141,7 @@ def test_terminal_shows_text_then_dim_stats_line(fake: FakeDaemon, sock_args: li
 def test_model_not_found_exits_3(fake: FakeDaemon, sock_args: list[str]) -> None:
     fake.route("POST", "/infer", error_reply(404, "model_not_found", "no model 'x.gguf'"))
     run = run_cli([*sock_args, "infer", "-m", "x.gguf", "hi"])
-    assert run.exit_code == ExitCode.MODEL_NOT_FOUND == 3
+    assert run.exit_code == ExitCode.MODEL_NOT_FOUND
     assert run.stdout == ""
     assert run.stderr == "error: no model 'x.gguf' (model_not_found)\n"
 
@@ -151,7 +151,7 @@ def test_busy_exits_4(fake: FakeDaemon, sock_args: list[str], code: str) -> None
     fake.route("POST", "/infer", error_reply(429, code, "busy", retry_after_ms=1000))
     term = Terminal()
     run = run_cli([*sock_args, "infer", "hi"], term)
-    assert run.exit_code == ExitCode.BUSY == 4
+    assert run.exit_code == ExitCode.BUSY
     assert term.sleeps == []  # no --retry: no waiting
     assert len(fake.requests) == 1
 
@@ -214,7 +214,7 @@ def test_stream_without_done_is_an_error(fake: FakeDaemon, sock_args: list[str])
 def test_unreachable_socket_exits_5_with_a_hint(tmp_path: object) -> None:
     path = f"{tmp_path}/nothing.sock"
     run = run_cli(["--socket", path, "infer", "hi"])
-    assert run.exit_code == ExitCode.UNREACHABLE == 5
+    assert run.exit_code == ExitCode.UNREACHABLE
     assert path in run.stderr
     assert "systemctl --user start modeld.socket" in run.stderr
     assert run.stdout == ""

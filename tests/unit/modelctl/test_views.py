@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 
 import pytest
-from modelctl_fakes import MODELS, STATUS
 from rich.console import Console, RenderableType
 
 from modelctl.schema import ModelInfo, Outcome, Status, Vram, parse_models
@@ -17,6 +16,7 @@ from modelctl.views import (
     status_view,
     vram_bar,
 )
+from tests.unit.modelctl.fakes import MODELS, STATUS
 
 
 def render(renderable: RenderableType, width: int = 120) -> str:

@@ -1,0 +1,1 @@
+"""Unit tests of modelctl against a fake daemon."""
