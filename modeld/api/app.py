@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,10 @@ from modeld.registry import Registry
 log = logging.getLogger("modeld.http")
 
 Route = Callable[[Request, Responder], Awaitable[None]]
+# Endpoints that write their own, richer request log line (model, timings, outcome).
+SELF_LOGGING = frozenset({"/infer", "/v1/completions", "/v1/chat/completions"})
+# Health probes are polled often: logged at debug level only.
+PROBES = frozenset({"/healthz", "/readyz"})
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 
 
@@ -74,6 +79,30 @@ class App:
             self.routes.setdefault(path, {}).update(methods)
 
     async def __call__(self, request: Request, res: Responder, info: ConnInfo) -> None:
+        try:
+            await self._dispatch(request, res, info)
+        finally:
+            if request.path not in SELF_LOGGING:
+                level = logging.DEBUG if request.path in PROBES else logging.INFO
+                total_ms = round((time.monotonic() - request.received_at) * 1000, 2)
+                log.log(
+                    level,
+                    "%s %s %s",
+                    request.method,
+                    request.path,
+                    res.status or 499,
+                    extra={
+                        "fields": {
+                            "event": "request",
+                            "method": request.method,
+                            "path": request.path,
+                            "status": res.status or 499,
+                            "total_ms": total_ms,
+                        }
+                    },
+                )
+
+    async def _dispatch(self, request: Request, res: Responder, info: ConnInfo) -> None:
         try:
             if info.loopback_only and not is_loopback_host(request.header("host") or ""):
                 raise Forbidden("the Host header must name a loopback address on this listener")

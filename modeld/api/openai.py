@@ -1,0 +1,403 @@
+"""OpenAI-compatible endpoints: `GET /v1/models`, `POST /v1/completions` and
+`POST /v1/chat/completions`, on the very same request path as `/infer`.
+
+Theory of operation: a handler parses the body into an `OpenAIRequest` (pure; a 400 in
+OpenAI's error shape names the first bad field), resolves the model in the registry, and
+hands `run_generation` (modeld.api.infer) a sink that writes OpenAI's objects: SSE chunks
+ending in `data: [DONE]` when streaming, one JSON object with `usage` when not. Queueing,
+loading, eviction, 429s, disconnect cancellation and the request log all happen there,
+exactly as for `/infer`. A chat prompt is rendered once the model is loaded, with the
+template and BOS/EOS texts the worker reported, in a thread under a deadline, so a
+pathological template cannot stall the event loop. Errors before the response starts are
+`{"error": {"message", "type", "param", "code"}}` with modeld's code and HTTP status.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+
+from modeld.api import validate as v
+from modeld.api.app import App, AppState
+from modeld.api.chat_template import ChatMessage, ChatTemplateError, render_chat
+from modeld.api.infer import SSE, Outcome, resolve_model, run_generation, track_request
+from modeld.errors import InvalidRequest, ModeldError
+from modeld.http.protocol import Request
+from modeld.http.server import Responder
+from modeld.manager.backend import Finished, GenParams, LoadedInfo, Started
+
+log = logging.getLogger("modeld.api")
+
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+CHAT_MAX_TOKENS = v.MAX_TOKENS_CEILING  # OpenAI's chat default: until the context is full
+MAX_TEMPERATURE = 2.0  # OpenAI's documented range is [0, 2]
+MAX_MESSAGES = 4096  # messages per chat request; the 1 MiB body limit bites first anyway
+TEMPLATE_TIMEOUT_S = 5.0  # a chat template renders in well under a millisecond
+DONE = b"data: [DONE]\n\n"  # the SSE line that ends every OpenAI stream
+# OpenAI's error `type` for each HTTP status modeld answers with; anything else is a
+# server_error.
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    408: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    431: "invalid_request_error",
+}
+# modeld's finish reasons that OpenAI has too; anything else (a cancelled run nobody
+# reads) is reported as "stop".
+FINISH_REASONS = frozenset({"stop", "length"})
+ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name; templates know "system"
+
+
+@dataclass(frozen=True)
+class OpenAIRequest:
+    """A checked completions or chat request; `params.prompt` is empty for chat."""
+
+    model: str
+    params: GenParams
+    stream: bool
+    include_usage: bool
+    messages: tuple[ChatMessage, ...] | None = None
+
+
+# ---- parsing (pure) -------------------------------------------------------------------
+
+
+def _common(body: dict[str, Any], prompt: str, default_max_tokens: int) -> tuple[str, GenParams]:
+    """The fields both endpoints share; returns the model id and the sampling params."""
+    model = v.string(body, "model", required=True) or ""
+    n = v.integer(body, "n", 1, lo=0, hi=v.MAX_TOKENS_CEILING)
+    if n != 1:
+        raise InvalidRequest("only 'n': 1 is supported", param="n")
+    max_tokens = v.integer(body, "max_tokens", None, lo=1, hi=v.MAX_TOKENS_CEILING)
+    max_completion = v.integer(body, "max_completion_tokens", None, lo=1, hi=v.MAX_TOKENS_CEILING)
+    params = GenParams(
+        prompt=prompt,
+        max_tokens=max_completion or max_tokens or default_max_tokens,
+        temperature=v.number(body, "temperature", 0.8, lo=0.0, hi=MAX_TEMPERATURE),
+        top_p=v.number(body, "top_p", 0.95, lo=0.0, hi=1.0, lo_open=True),
+        top_k=v.integer(body, "top_k", 40, lo=0, hi=1 << 20) or 0,
+        seed=v.integer(body, "seed", None, lo=0, hi=v.MAX_SEED),
+        stop=v.stop_list(body),
+    )
+    return model, params
+
+
+def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
+    """`stream` and `stream_options.include_usage`."""
+    stream = v.boolean(body, "stream", False)
+    options = body.get("stream_options")
+    if options is None:
+        return stream, False
+    if not isinstance(options, dict):
+        raise InvalidRequest("'stream_options' must be an object", param="stream_options")
+    include = options.get("include_usage")
+    if include is not None and not isinstance(include, bool):
+        raise InvalidRequest(
+            "'stream_options.include_usage' must be true or false",
+            param="stream_options.include_usage",
+        )
+    return stream, bool(include)
+
+
+def parse_completion(body: Any) -> OpenAIRequest:
+    """Check a /v1/completions body; `prompt` is a string or a list of one string."""
+    body = v.require_object(body)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if prompt is None:
+        raise InvalidRequest("'prompt' is required", param="prompt")
+    if not isinstance(prompt, str):
+        raise InvalidRequest(
+            "'prompt' must be a string (or a list of exactly one string)", param="prompt"
+        )
+    model, params = _common(body, v.prompt_text(prompt), COMPLETION_MAX_TOKENS)
+    stream, include_usage = _stream_flags(body)
+    return OpenAIRequest(model, params, stream, include_usage)
+
+
+def parse_chat(body: Any) -> OpenAIRequest:
+    """Check a /v1/chat/completions body."""
+    body = v.require_object(body)
+    messages = parse_messages(body.get("messages"))
+    model, params = _common(body, "", CHAT_MAX_TOKENS)
+    stream, include_usage = _stream_flags(body)
+    return OpenAIRequest(model, params, stream, include_usage, messages)
+
+
+def parse_messages(value: Any) -> tuple[ChatMessage, ...]:
+    """A non-empty list of `{role, content}` objects; content may be text parts."""
+    if value is None:
+        raise InvalidRequest("'messages' is required", param="messages")
+    if not isinstance(value, list) or not value:
+        raise InvalidRequest("'messages' must be a non-empty list", param="messages")
+    if len(value) > MAX_MESSAGES:
+        raise InvalidRequest(f"'messages' has more than {MAX_MESSAGES} entries", param="messages")
+    return tuple(_message(item, i) for i, item in enumerate(value))
+
+
+def _message(item: Any, i: int) -> ChatMessage:
+    where = f"messages[{i}]"
+    if not isinstance(item, dict):
+        raise InvalidRequest(f"'{where}' must be an object", param=where)
+    role = item.get("role")
+    if not isinstance(role, str) or not role:
+        raise InvalidRequest(f"'{where}.role' must be a non-empty string", param=f"{where}.role")
+    content = _content(item.get("content"), role, f"{where}.content")
+    name = item.get("name")
+    if name is not None and not isinstance(name, str):
+        raise InvalidRequest(f"'{where}.name' must be a string", param=f"{where}.name")
+    return ChatMessage(ROLE_ALIASES.get(role, role), v.prompt_text(content, where), name)
+
+
+def _content(value: Any, role: str, where: str) -> str:
+    """A string, or a list of `{"type": "text", "text": ...}` parts joined by newlines."""
+    if isinstance(value, str):
+        return value
+    if value is None and role == "assistant":
+        return ""  # an assistant turn that only called tools
+    if isinstance(value, list):
+        texts = []
+        for part in value:
+            if not isinstance(part, dict) or part.get("type") != "text":
+                raise InvalidRequest(f"'{where}' supports only text parts", param=where)
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise InvalidRequest(f"'{where}' text parts need a string 'text'", param=where)
+            texts.append(text)
+        return "\n".join(texts)
+    raise InvalidRequest(f"'{where}' must be a string or a list of text parts", param=where)
+
+
+# ---- the answer's shape (pure) --------------------------------------------------------
+
+
+def error_body(exc: ModeldError) -> dict[str, Any]:
+    """OpenAI's error object, keeping modeld's code."""
+    kind = ERROR_TYPES.get(exc.http_status, "server_error")
+    return {"error": {"message": exc.message, "type": kind, "param": exc.param, "code": exc.code}}
+
+
+def sse(obj: dict[str, Any]) -> bytes:
+    """One SSE message as OpenAI sends it: a `data:` line, no event name."""
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+def usage(event: Finished) -> dict[str, int]:
+    total = event.prompt_tokens + event.completion_tokens
+    return {
+        "prompt_tokens": event.prompt_tokens,
+        "completion_tokens": event.completion_tokens,
+        "total_tokens": total,
+    }
+
+
+def finish_reason(event: Finished) -> str:
+    return event.finish_reason if event.finish_reason in FINISH_REASONS else "stop"
+
+
+class Envelope:
+    """Builds the objects of one response: chat or text completion, chunks or whole."""
+
+    def __init__(self, chat: bool, model: str, include_usage: bool = False) -> None:
+        self.chat = chat
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.model = model
+        self.include_usage = include_usage
+
+    def _object(self, kind: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": kind,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+
+    def chunk(self, text: str | None, reason: str | None = None, role: bool = False) -> bytes:
+        """One stream chunk carrying `text` (None: no content), or the final `reason`."""
+        if self.chat:
+            delta: dict[str, str] = {"role": "assistant"} if role else {}
+            if text is not None:
+                delta["content"] = text
+            choice: dict[str, Any] = {"index": 0, "delta": delta}
+        else:
+            choice = {"index": 0, "text": text or ""}
+        choice.update(logprobs=None, finish_reason=reason)
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        obj = self._object(kind, [choice])
+        if self.include_usage:
+            obj["usage"] = None
+        return sse(obj)
+
+    def usage_chunk(self, event: Finished) -> bytes:
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        return sse({**self._object(kind, []), "usage": usage(event)})
+
+    def whole(self, text: str, event: Finished) -> dict[str, Any]:
+        """The non-streaming response object."""
+        choice: dict[str, Any] = {"index": 0}
+        if self.chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        choice.update(logprobs=None, finish_reason=finish_reason(event))
+        kind = "chat.completion" if self.chat else "text_completion"
+        return {**self._object(kind, [choice]), "usage": usage(event)}
+
+
+class OpenAISink:
+    """Writes one generation's events as OpenAI objects (a `GenerationSink`)."""
+
+    def __init__(self, res: Responder, envelope: Envelope, stream: bool) -> None:
+        self.res = res
+        self.envelope = envelope
+        self.stream = stream
+        self.texts: list[str] = []
+
+    async def started(self, event: Started) -> None:
+        if not self.stream:
+            return
+        await self.res.start(200, [("Content-Type", SSE), ("Cache-Control", "no-cache")])
+        if self.envelope.chat:
+            await self.res.send(self.envelope.chunk("", role=True))
+
+    async def tokens(self, texts: tuple[str, ...]) -> None:
+        if self.stream:
+            await self.res.send(self.envelope.chunk("".join(texts)))
+        else:
+            self.texts.extend(texts)
+
+    async def finished(self, event: Finished) -> None:
+        if not self.stream:
+            body = self.envelope.whole("".join(self.texts), event)
+            await _respond_json(self.res, 200, body)
+            return
+        out = self.envelope.chunk(None, finish_reason(event))
+        if self.envelope.include_usage:
+            out += self.envelope.usage_chunk(event)
+        await self.res.send(out + DONE)
+        await self.res.end()
+
+    async def failed(self, error: ModeldError) -> None:
+        if not self.stream:
+            raise error
+        await self.res.send(sse(error_body(error)))
+        await self.res.end()
+
+
+async def _respond_json(
+    res: Responder, status: int, body: Any, headers: list[tuple[str, str]] | None = None
+) -> None:
+    data = json.dumps(body, ensure_ascii=False).encode()
+    await res.respond(status, [("Content-Type", "application/json"), *(headers or [])], data)
+
+
+# ---- chat prompts ---------------------------------------------------------------------
+
+
+async def chat_params(parsed: OpenAIRequest, model_id: str, info: LoadedInfo) -> GenParams:
+    """Render the conversation with the loaded model's template; add its end-of-turn stops."""
+    assert parsed.messages is not None
+    render = functools.partial(
+        render_chat,
+        info.chat_template,
+        parsed.messages,
+        bos=str(info.extra.get("bos") or ""),
+        eos=str(info.extra.get("eos") or ""),
+    )
+    try:
+        with anyio.fail_after(TEMPLATE_TIMEOUT_S):
+            rendered = await anyio.to_thread.run_sync(render, abandon_on_cancel=True)
+    except TimeoutError:
+        raise ChatTemplateError(
+            f"the chat template of {model_id!r} took longer than {TEMPLATE_TIMEOUT_S:g} s"
+        ) from None
+    stop = parsed.params.stop + tuple(s for s in rendered.stop if s not in parsed.params.stop)
+    return dataclasses.replace(parsed.params, prompt=rendered.prompt, stop=stop)
+
+
+# ---- handlers -------------------------------------------------------------------------
+
+
+class OpenAIApi:
+    """The three routes, over the app's registry and manager."""
+
+    def __init__(self, state: AppState) -> None:
+        self.state = state
+
+    async def models(self, request: Request, res: Responder) -> None:
+        registry = self.state.registry
+        registry.scan()
+        data = [
+            {"id": spec.id, "object": "model", "created": _mtime(spec.path), "owned_by": "modeld"}
+            for spec in registry.models()
+            if spec.invalid is None
+        ]
+        await _respond_json(res, 200, {"object": "list", "data": data})
+
+    async def completions(self, request: Request, res: Responder) -> None:
+        await self._generate(request, res, chat=False)
+
+    async def chat_completions(self, request: Request, res: Responder) -> None:
+        await self._generate(request, res, chat=True)
+
+    async def _generate(self, request: Request, res: Responder, *, chat: bool) -> None:
+        manager = self.state.manager
+        async with track_request(request, res, manager) as outcome:
+            try:
+                await self._run(request, res, chat, outcome)
+            except ModeldError as exc:
+                outcome.how = exc.code
+                if isinstance(exc, ChatTemplateError):
+                    log.warning("chat template of %s failed: %s", outcome.model, exc.message)
+                if res.started:
+                    log.warning("error after the response started: %s", exc.message)
+                    return
+                await _respond_json(res, exc.http_status, error_body(exc), exc.headers())
+
+    async def _run(self, request: Request, res: Responder, chat: bool, outcome: Outcome) -> None:
+        parsed = (parse_chat if chat else parse_completion)(request.json())
+        spec = resolve_model(self.state.registry, parsed.model, None)
+        outcome.model = spec.id
+        envelope = Envelope(chat, spec.id, parsed.stream and parsed.include_usage)
+        sink = OpenAISink(res, envelope, parsed.stream)
+        if parsed.messages is None:
+            await run_generation(self.state.manager, spec, parsed.params, sink, outcome)
+        else:
+            params = functools.partial(chat_params, parsed, spec.id)
+            await run_generation(self.state.manager, spec, params, sink, outcome)
+
+
+def _mtime(path: Path) -> int:
+    try:
+        return int(path.stat().st_mtime)
+    except OSError:
+        return 0
+
+
+def install(app: App) -> None:
+    """Register the OpenAI-compatible routes on modeld's app."""
+    api = OpenAIApi(app.state)
+    app.add_routes(
+        {
+            "/v1/models": {"GET": api.models},
+            "/v1/completions": {"POST": api.completions},
+            "/v1/chat/completions": {"POST": api.chat_completions},
+        }
+    )

@@ -1,0 +1,118 @@
+"""Worker isolation: a worker that dies, a file that is no model, a file that aborts llama.cpp.
+
+Each loaded model runs in its own worker process, so none of these may take the daemon or
+another model's stream down with it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from modeld.devtools import bad_gguf
+from tests.conftest import ModelStore, link
+from tests.helpers.daemon import Daemon
+from tests.integration.conftest import (
+    RawInfer,
+    alive,
+    assert_one_done,
+    instance,
+    log_events,
+    log_tail,
+    running,
+    stream_to_end,
+    wait_for,
+    worker_for,
+)
+
+LONG = {"max_tokens": 2000, "temperature": 0.0}  # about 2 s of tokens: still running when killed
+SHORT = {"max_tokens": 8, "temperature": 0.0}
+ABORTS = "(llama.cpp aborts)"  # how bad_gguf marks the file that kills llama.cpp's process
+
+
+def aborting_gguf(scratch: Path) -> Path:
+    """The corpus file that makes llama.cpp abort (duplicate vocabulary entries)."""
+    base = bad_gguf.write_small_base(scratch / "base.gguf.valid")
+    found = [path for path, why in bad_gguf.make_corpus(scratch, base) if ABORTS in why]
+    assert len(found) == 1, found
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def daemon(
+    model_store: ModelStore, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Daemon]:
+    models = model_store.models_dir(
+        tmp_path_factory.mktemp("workers"), {"tiny.gguf": "tiny", "tiny2.gguf": "tiny2"}
+    )
+    (models / "junk.gguf").write_bytes(b"this is not a GGUF file, just text\n" * 100)
+    link(aborting_gguf(tmp_path_factory.mktemp("corpus")), models / "dupvocab.gguf")
+    with running(models) as d:
+        yield d
+
+
+def test_worker_killed_mid_stream_ends_it_with_an_error_event(daemon: Daemon) -> None:
+    client = daemon.client()
+    stream_to_end(client, {"model": "tiny2", "prompt": "hi", **SHORT})  # a bystander
+    bystander = worker_for(daemon, daemon.models_dir / "tiny2.gguf")
+    loads_before = instance(daemon, "tiny.gguf").get("loads", 0)
+    with RawInfer(client, {"model": "tiny", "prompt": "hello", **LONG}) as victim:
+        assert victim.status == 200
+        first = victim.next_event()
+        assert first is not None and first["type"] == "token"
+        pid = worker_for(daemon, daemon.models_dir / "tiny.gguf")
+        os.kill(pid, signal.SIGKILL)
+        rest = victim.events()
+    assert rest, "the stream ended without a terminal event"
+    *tokens, last = rest
+    assert all(e["type"] == "token" for e in tokens)
+    assert last["type"] == "error", last
+    assert last["error"]["code"] == "worker_crashed", last
+    assert "SIGKILL" in last["error"]["message"]
+    assert len(tokens) < LONG["max_tokens"]
+    # The daemon serves on; the model loads again on the next request; the bystander is untouched.
+    assert client.get("/healthz").status == 200
+    wait_for(lambda: instance(daemon, "tiny.gguf").get("state") != "ready", "tiny to be unloaded")
+    stream_to_end(client, {"model": "tiny", "prompt": "hello", **SHORT})
+    assert instance(daemon, "tiny.gguf")["loads"] == loads_before + 2
+    assert alive(bystander) and worker_for(daemon, daemon.models_dir / "tiny2.gguf") == bystander
+    stream_to_end(client, {"model": "tiny2", "prompt": "hi", **SHORT})
+
+
+def test_a_file_that_is_no_model_fails_cleanly(daemon: Daemon, via: str) -> None:
+    client = daemon.client(via)
+    entry = next(m for m in client.get("/models").json()["models"] if m["id"] == "junk.gguf")
+    assert entry["state"] == "error" and entry["error"], entry
+    resp = client.infer(model="junk", prompt="hi")
+    assert resp.status == 500, resp.body
+    err = resp.json()["error"]
+    assert err["code"] == "model_load_failed"
+    assert "junk.gguf" in err["message"]
+    assert str(daemon.models_dir) not in err["message"]  # the model id, never the path
+    assert client.get("/healthz").status == 200
+    stream_to_end(client, {"model": "tiny2", "prompt": "hi", **SHORT})
+
+
+def test_a_file_that_aborts_llama_cpp_kills_only_its_worker(daemon: Daemon) -> None:
+    client = daemon.client()
+    started = time.monotonic()
+    with RawInfer(client, {"model": "tiny2", "prompt": "hi", **LONG}) as bystander:
+        assert bystander.status == 200
+        resp = client.infer(model="dupvocab.gguf", prompt="hi")
+        assert resp.status == 500, (resp.status, resp.body, log_tail(daemon))
+        err = resp.json()["error"]
+        assert err["code"] == "model_load_failed", err
+        assert "dupvocab.gguf" in err["message"]
+        print(f"aborting load answered in {time.monotonic() - started:.2f} s: {err['message']}")
+        assert client.get("/healthz").status == 200
+        assert_one_done(bystander.events())  # the other model's stream went on to its end
+    failed = [e for e in log_events(daemon, "load_failed") if e.get("model") == "dupvocab.gguf"]
+    assert failed, log_tail(daemon)
+    entry = next(m for m in client.get("/models").json()["models"] if m["id"] == "dupvocab.gguf")
+    assert entry["state"] == "error" and entry["error"], entry
+    stream_to_end(client, {"model": "tiny2", "prompt": "hi", **SHORT})
