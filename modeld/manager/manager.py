@@ -223,7 +223,8 @@ class Manager:
                 f"{self.inflight} generations running, the limit is {cap}",
                 retry_after_ms=self._retry_after_ms(None, 0),
             )
-        if len(inst.queue) >= self.config.max_queue_depth:
+        idle = inst.inflight == 0 and not inst.queue  # this request would not wait behind others
+        if len(inst.queue) >= self.config.max_queue_depth and not idle:
             self.rejected["queue_full"] += 1
             raise QueueFull(
                 f"{len(inst.queue)} requests already queued for model {inst.model_id!r}",

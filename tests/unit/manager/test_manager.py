@@ -273,3 +273,15 @@ async def test_worker_exit_unloads_and_the_next_request_reloads() -> None:
 
 
 _ = (Awaitable, Callable)
+
+
+async def test_depth_zero_still_serves_an_idle_instance_but_queues_nothing() -> None:
+    backend = FakeBackend()
+    hold = anyio.Event()
+    async with running(backend, max_queue_depth=0) as m, anyio.create_task_group() as tg:
+        assert await generate(m, "a", 1) == ["t1"]  # cold: loads, then runs
+        tg.start_soon(generate, m, "a", 3, hold)
+        await settle()
+        with pytest.raises(QueueFull):
+            await generate(m, "a")
+        hold.set()
