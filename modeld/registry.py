@@ -147,9 +147,9 @@ class Registry:
                     name, path, st.st_size, 0, invalid="split model with missing parts"
                 )
             size = total
+        within = Path("/") if self._follow_symlinks else self.models_dir.resolve()
         try:
-            validate_gguf(path)
-            info = read_model_info(path)
+            info = read_model_info(path, follow_symlinks_within=within)
         except InvalidModelFile as exc:
             return ModelSpec(name, path, size, self._estimator(None, size), invalid=str(exc))
         except OSError as exc:
@@ -157,6 +157,12 @@ class Registry:
         if not info.is_language_model:
             log.info("not offering %s: %s", name, info.kind_reason or "not a language model")
             return None
+        try:
+            validate_gguf(path, follow_symlinks_within=within)
+        except InvalidModelFile as exc:
+            return ModelSpec(name, path, size, self._estimator(None, size), invalid=str(exc))
+        except OSError as exc:
+            return ModelSpec(name, path, size, 0, invalid=f"cannot read: {exc.strerror}")
         return ModelSpec(name, path, size, self._estimator(info, size), info=info)
 
     def _split_size(self, first: Path, split: re.Match[str]) -> int | None:

@@ -9,7 +9,6 @@ Structural corruption raises `InvalidModelFile`; a sound file that is not a lang
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,14 +151,3 @@ def read_model_info(path: Path, *, follow_symlinks_within: Path | None = None) -
         split_no=no,
         file_bytes=_file_bytes(headers),
     )
-
-
-def model_file_bytes(path: Path) -> int:
-    """Total size on disk of a model and all its split parts that exist."""
-    total = 0
-    for part in split_parts(path):
-        try:
-            total += os.stat(part).st_size
-        except OSError:
-            continue
-    return total

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import gguf
 import pytest
 
 from modeld.devtools import bad_gguf
@@ -32,6 +33,7 @@ from tests.integration.conftest import (
 
 LONG = {"max_tokens": 2000, "temperature": 0.0}  # about 2 s of tokens: still running when killed
 SHORT = {"max_tokens": 8, "temperature": 0.0}
+BYSTANDER = {"max_tokens": 500, "temperature": 0.0}  # a stream running while a load fails
 ABORTS = "(llama.cpp aborts)"  # how bad_gguf marks the file that kills llama.cpp's process
 
 
@@ -43,6 +45,25 @@ def aborting_gguf(scratch: Path) -> Path:
     return found[0]
 
 
+def with_key(src: Path, dest: Path, key: str, value: str) -> Path:
+    """Copy the GGUF src to dest with one string key set to value (all else unchanged)."""
+    reader = gguf.GGUFReader(src)
+    writer = gguf.GGUFWriter(dest, reader.get_field("general.architecture").contents())
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue  # the reader's own header fields; the writer adds the architecture
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(name, value if name == key else field.contents(), vtype, sub_type=sub)
+    for tensor in reader.tensors:
+        writer.add_tensor(tensor.name, tensor.data, raw_dtype=tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dest
+
+
 @pytest.fixture(scope="module")
 def daemon(
     model_store: ModelStore, tmp_path_factory: pytest.TempPathFactory
@@ -52,6 +73,9 @@ def daemon(
     )
     (models / "junk.gguf").write_bytes(b"this is not a GGUF file, just text\n" * 100)
     link(aborting_gguf(tmp_path_factory.mktemp("corpus")), models / "dupvocab.gguf")
+    # A valid file whose SPM vocabulary is declared WPM ("bert"): it passes every check in
+    # Python, and llama.cpp hits GGML_ABORT in llama-vocab.cpp while loading it.
+    with_key(model_store.get("tiny"), models / "wpm-vocab.gguf", "tokenizer.ggml.model", "bert")
     with running(models) as d:
         yield d
 
@@ -98,21 +122,30 @@ def test_a_file_that_is_no_model_fails_cleanly(daemon: Daemon, via: str) -> None
     stream_to_end(client, {"model": "tiny2", "prompt": "hi", **SHORT})
 
 
-def test_a_file_that_aborts_llama_cpp_kills_only_its_worker(daemon: Daemon) -> None:
+@pytest.mark.parametrize("bad", ["dupvocab.gguf", "wpm-vocab.gguf"])
+def test_a_file_that_aborts_llama_cpp_kills_only_its_worker(daemon: Daemon, bad: str) -> None:
+    """Neither file may take the daemon or another model's running stream down.
+
+    dupvocab.gguf is bad_gguf's file that aborts llama.cpp (the registry's validator may
+    refuse it before any worker sees it); wpm-vocab.gguf really reaches a worker and
+    aborts it.
+    """
     client = daemon.client()
     started = time.monotonic()
-    with RawInfer(client, {"model": "tiny2", "prompt": "hi", **LONG}) as bystander:
+    with RawInfer(client, {"model": "tiny2", "prompt": "hi", **BYSTANDER}) as bystander:
         assert bystander.status == 200
-        resp = client.infer(model="dupvocab.gguf", prompt="hi")
+        resp = client.infer(model=bad, prompt="hi")
         assert resp.status == 500, (resp.status, resp.body, log_tail(daemon))
         err = resp.json()["error"]
         assert err["code"] == "model_load_failed", err
-        assert "dupvocab.gguf" in err["message"]
-        print(f"aborting load answered in {time.monotonic() - started:.2f} s: {err['message']}")
+        assert bad in err["message"]
+        if bad == "wpm-vocab.gguf":
+            assert "SIGABRT" in err["message"], err
+        print(f"{bad}: load answered in {time.monotonic() - started:.2f} s: {err['message']}")
         assert client.get("/healthz").status == 200
         assert_one_done(bystander.events())  # the other model's stream went on to its end
-    failed = [e for e in log_events(daemon, "load_failed") if e.get("model") == "dupvocab.gguf"]
+    failed = [e for e in log_events(daemon, "load_failed") if e.get("model") == bad]
     assert failed, log_tail(daemon)
-    entry = next(m for m in client.get("/models").json()["models"] if m["id"] == "dupvocab.gguf")
+    entry = next(m for m in client.get("/models").json()["models"] if m["id"] == bad)
     assert entry["state"] == "error" and entry["error"], entry
     stream_to_end(client, {"model": "tiny2", "prompt": "hi", **SHORT})

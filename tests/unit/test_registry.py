@@ -1,0 +1,85 @@
+"""The registry: ids, lookups that never touch the filesystem, broken and hidden files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from modeld.devtools.tiny_gguf import write_tiny_llama
+from modeld.errors import ModelNotFound
+from modeld.registry import Registry
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_llama(tmp_path_factory.mktemp("src") / "tiny.gguf")
+
+
+def test_ids_are_file_names_and_the_suffix_is_optional(tmp_path: Path, tiny: Path) -> None:
+    shutil.copy(tiny, tmp_path / "a.gguf")
+    (tmp_path / "notes.txt").write_text("not a model")
+    reg = Registry(tmp_path)
+    assert list(reg.scan()) == ["a.gguf"]
+    spec = reg.resolve("a")
+    assert spec.id == "a.gguf" and spec.path == tmp_path / "a.gguf"
+    assert spec.size_bytes == tiny.stat().st_size and spec.invalid is None
+    assert reg.resolve("a.gguf") is spec
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["", "../a.gguf", "/etc/passwd", "a.gguf\0", "..", "./a.gguf", "%2e%2e%2fa.gguf", "A.GGUF"],
+)
+def test_tricky_ids_are_not_found(tmp_path: Path, tiny: Path, name: str) -> None:
+    shutil.copy(tiny, tmp_path / "a.gguf")
+    reg = Registry(tmp_path)
+    reg.scan()
+    with pytest.raises(ModelNotFound):
+        reg.resolve(name)
+
+
+def test_a_new_file_is_found_on_a_miss_and_a_removed_one_is_gone(
+    tmp_path: Path, tiny: Path
+) -> None:
+    reg = Registry(tmp_path)
+    reg.scan()
+    shutil.copy(tiny, tmp_path / "new.gguf")
+    assert reg.resolve("new").id == "new.gguf"
+    os.unlink(tmp_path / "new.gguf")
+    assert reg.scan() == {}
+
+
+def test_broken_files_are_listed_with_a_reason(tmp_path: Path) -> None:
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all")
+    (tmp_path / "dir.gguf").mkdir()
+    os.mkfifo(tmp_path / "fifo.gguf")
+    specs = Registry(tmp_path).scan()  # must not block on the FIFO
+    assert specs["junk.gguf"].invalid
+    assert specs["dir.gguf"].invalid == "not a regular file"
+    assert specs["fifo.gguf"].invalid == "not a regular file"
+    assert str(tmp_path) not in (specs["junk.gguf"].invalid or "")
+
+
+def test_split_models_appear_once_with_the_total_size(tmp_path: Path, tiny: Path) -> None:
+    shutil.copy(tiny, tmp_path / "big-00001-of-00002.gguf")
+    shutil.copy(tiny, tmp_path / "big-00002-of-00002.gguf")
+    specs = Registry(tmp_path).scan()
+    assert list(specs) == ["big-00001-of-00002.gguf"]
+    assert specs["big-00001-of-00002.gguf"].size_bytes == 2 * tiny.stat().st_size
+
+
+def test_symlinks_outside_the_dir_need_follow_symlinks(tmp_path: Path, tiny: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(tiny, models / "inside.gguf")
+    (models / "in-link.gguf").symlink_to(models / "inside.gguf")
+    (models / "out-link.gguf").symlink_to(tiny)
+    assert sorted(Registry(models).scan()) == ["in-link.gguf", "inside.gguf"]
+    assert sorted(Registry(models, follow_symlinks=True).scan()) == [
+        "in-link.gguf",
+        "inside.gguf",
+        "out-link.gguf",
+    ]
