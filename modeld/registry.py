@@ -99,7 +99,7 @@ class Registry:
     def resolve(self, name: str) -> ModelSpec:
         """Find a model by id (with or without `.gguf`), rescanning once on a miss."""
         spec = self._lookup(name)
-        if spec is None:
+        if spec is None or not spec.path.exists():  # new, renamed or removed files
             self.scan()
             spec = self._lookup(name)
         if spec is None:

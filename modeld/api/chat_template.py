@@ -98,10 +98,23 @@ def _tojson(
     )
 
 
+class _Sandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
+    """Jinja's immutable sandbox, but an unsafe attribute fails at once.
+
+    Jinja's own one returns an undefined value that only fails when used, so
+    `{{ ''.__class__ }}` would quietly print nothing; a template that tries must stop.
+    """
+
+    def unsafe_undefined(self, obj: Any, attribute: str) -> jinja2.Undefined:
+        raise jinja2.exceptions.SecurityError(
+            f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe"
+        )
+
+
 @functools.cache
-def _environment() -> jinja2.sandbox.ImmutableSandboxedEnvironment:
+def _environment() -> _Sandbox:
     """The one sandbox every template is compiled in, with Hugging Face's settings."""
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+    env = _Sandbox(
         trim_blocks=True,
         lstrip_blocks=True,
         extensions=[jinja2.ext.loopcontrols],

@@ -1,5 +1,4 @@
-"""OpenAI-compatible endpoints: `GET /v1/models`, `POST /v1/completions` and
-`POST /v1/chat/completions`, on the very same request path as `/infer`.
+"""OpenAI-compatible `/v1/models`, `/v1/completions`, `/v1/chat/completions` on /infer's path.
 
 Theory of operation: a handler parses the body into an `OpenAIRequest` (pure; a 400 in
 OpenAI's error shape names the first bad field), resolves the model in the registry, and
@@ -133,8 +132,8 @@ def parse_completion(body: Any) -> OpenAIRequest:
 def parse_chat(body: Any) -> OpenAIRequest:
     """Check a /v1/chat/completions body."""
     body = v.require_object(body)
-    messages = parse_messages(body.get("messages"))
     model, params = _common(body, "", CHAT_MAX_TOKENS)
+    messages = parse_messages(body.get("messages"))
     stream, include_usage = _stream_flags(body)
     return OpenAIRequest(model, params, stream, include_usage, messages)
 

@@ -3,7 +3,8 @@
 Each module starts the real `modeld` (a subprocess, see tests/helpers/daemon.py) with the
 options it needs and shares it between tests that leave its state alone. The helpers here
 read streams at the test's own pace (`RawInfer`), wait for a condition with a deadline
-(`wait_for`) and find the daemon's worker processes through /proc.
+(`wait_for`) and find the daemon's worker processes through /proc. A daemon's log dir
+(/tmp/modeld-*) is removed when it stopped cleanly, unless MODELD_TEST_KEEP_LOGS is set.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ T = TypeVar("T")
 BASE_ARGS = ("--threads", "1")  # one thread per worker: several workers share 2 cores
 WAIT_S = 15.0  # deadline of wait_for: generous for a loaded CI box; healthy cases take ms
 POLL_S = 0.01  # how often wait_for looks again
+WORKERS_EXIT_S = 5.0  # after modeld exits its workers must be gone within this
+KEEP_LOGS_ENV = "MODELD_TEST_KEEP_LOGS"  # set it to keep every daemon's log dir in /tmp
 LOG_TAIL_CHARS = 4000  # how much of the daemon log goes into a failure message
 LIFECYCLE_EVENTS = ("load", "load_failed", "unload")  # daemon log events worth quoting
 
@@ -43,12 +46,24 @@ def running(models_dir: Path, *args: str, wait_ready: bool = False) -> Iterator[
         yield daemon
         ok = True
     finally:
+        workers = worker_pids(daemon) if daemon.proc and daemon.proc.poll() is None else []
         code = daemon.stop()
-        if ok and code == 0:
+        left = wait_for_exit(workers)
+        ok = ok and not left
+        if ok and code == 0 and not os.environ.get(KEEP_LOGS_ENV):
             shutil.rmtree(daemon.tmp, ignore_errors=True)
         else:
             print(f"daemon log kept in {daemon.log_path}")
     assert code == 0, f"modeld exited with {code}\n{log_tail(daemon)}"
+    assert not left, f"workers {left} still running after modeld stopped"
+
+
+def wait_for_exit(pids: list[int], timeout: float = WORKERS_EXIT_S) -> list[int]:
+    """Wait until none of pids is running; return those still running at the deadline."""
+    deadline = time.monotonic() + timeout
+    while (left := [p for p in pids if alive(p)]) and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+    return left
 
 
 def log_tail(daemon: Daemon, chars: int = LOG_TAIL_CHARS) -> str:

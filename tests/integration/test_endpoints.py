@@ -17,18 +17,17 @@ import pytest
 from tests.conftest import ModelStore
 from tests.helpers.client import Response
 from tests.helpers.daemon import Daemon
-from tests.integration.conftest import assert_one_done, running, stream_to_end, wait_for
+from tests.integration.conftest import RawInfer, assert_one_done, running, stream_to_end, wait_for
 
 MODELS = {"tiny.gguf": "tiny", "tiny2.gguf": "tiny2"}
 STATES = {"unloaded", "loading", "ready", "unloading", "error"}
 TIMINGS = ("queue_ms", "load_ms", "ttft_ms", "total_ms")
-SHORT = {"max_tokens": 8, "temperature": 0.0}  # a few greedy tokens: fast and repeatable
+N_TOKENS = 8  # a few greedy tokens: fast and repeatable
+SHORT: dict[str, Any] = {"max_tokens": N_TOKENS, "temperature": 0.0}
 
 
 @pytest.fixture(scope="module")
-def shared(
-    model_store: ModelStore, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Daemon]:
+def shared(model_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     models = model_store.models_dir(tmp_path_factory.mktemp("endpoints"), MODELS)
     with running(models) as daemon:
         yield daemon
@@ -69,9 +68,7 @@ def test_healthz(shared: Daemon, via: str) -> None:
     assert resp.json() == {"status": "ok"}
 
 
-def test_readyz_is_503_until_an_instance_is_ready(
-    model_store: ModelStore, tmp_path: Path
-) -> None:
+def test_readyz_is_503_until_an_instance_is_ready(model_store: ModelStore, tmp_path: Path) -> None:
     models = model_store.models_dir(tmp_path / "models", {"tiny.gguf": "tiny"})
     with running(models) as daemon:
         for via in ("unix", "tcp"):
@@ -89,7 +86,16 @@ def test_models_lists_every_file_with_its_fields(shared: Daemon, via: str) -> No
     models = resp.json()["models"]
     assert sorted(m["id"] for m in models) == sorted(MODELS)
     for m in models:
-        assert {"id", "name", "path", "size_bytes", "est_vram_mb", "vram_mb", "state", "error"} <= set(m)
+        assert {
+            "id",
+            "name",
+            "path",
+            "size_bytes",
+            "est_vram_mb",
+            "vram_mb",
+            "state",
+            "error",
+        } <= set(m)
         path = Path(m["path"])
         assert path.is_absolute() and path == shared.models_dir.resolve() / m["id"]
         assert m["name"] == m["id"]
@@ -102,7 +108,9 @@ def test_models_lists_every_file_with_its_fields(shared: Daemon, via: str) -> No
 
 def test_models_shows_the_measured_figure_after_a_load(shared: Daemon, via: str) -> None:
     stream_to_end(shared.client(via), {"model": "tiny2.gguf", "prompt": "hi", **SHORT})
-    entry = next(m for m in shared.client(via).get("/models").json()["models"] if m["id"] == "tiny2.gguf")
+    entry = next(
+        m for m in shared.client(via).get("/models").json()["models"] if m["id"] == "tiny2.gguf"
+    )
     assert entry["state"] == "ready"
     assert isinstance(entry["vram_mb"], int) and entry["vram_mb"] > 0
 
@@ -117,19 +125,18 @@ def test_infer_streams_ndjson_tokens_then_one_done(shared: Daemon, via: str) -> 
     assert resp.headers.get("transfer-encoding") == "chunked"
     events = resp.events()
     done = assert_one_done(events)
-    check_done(done, "tiny.gguf", SHORT["max_tokens"])
+    check_done(done, "tiny.gguf", N_TOKENS)
     assert done["finish_reason"] == "length"  # the tiny models never emit EOS
     assert len(events) >= 2
 
 
 def test_infer_arrives_incrementally(shared: Daemon, via: str) -> None:
     """Tokens are readable while the generation still runs (the stream is not buffered)."""
-    gen = shared.client(via).stream({"model": "tiny", "prompt": "hi", "max_tokens": 2000})
-    try:
-        first = next(gen)
-        assert first["type"] == "token"
-    finally:
-        gen.close()
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 2000}
+    with RawInfer(shared.client(via), body) as stream:
+        assert stream.status == 200
+        first = stream.next_event()
+        assert first is not None and first["type"] == "token"
 
 
 def test_infer_speaks_sse_when_asked(shared: Daemon, via: str) -> None:
@@ -146,11 +153,13 @@ def test_infer_speaks_sse_when_asked(shared: Daemon, via: str) -> None:
     events = []
     for block in text.split("\n\n")[:-1]:
         lines = block.split("\n")
-        assert len(lines) == 2 and lines[0].startswith("event: ") and lines[1].startswith("data: "), block
+        assert (
+            len(lines) == 2 and lines[0].startswith("event: ") and lines[1].startswith("data: ")
+        ), block
         event = json.loads(lines[1].removeprefix("data: "))
         assert event["type"] == lines[0].removeprefix("event: ")
         events.append(event)
-    check_done(assert_one_done(events), "tiny.gguf", SHORT["max_tokens"])
+    check_done(assert_one_done(events), "tiny.gguf", N_TOKENS)
 
 
 def test_infer_without_streaming_returns_one_json(shared: Daemon, via: str) -> None:
@@ -160,7 +169,7 @@ def test_infer_without_streaming_returns_one_json(shared: Daemon, via: str) -> N
     assert resp.headers["content-type"].startswith("application/json")
     out = resp.json()
     assert set(out) == {"model", "text", "finish_reason", "usage", "timings"}
-    check_done(out, "tiny.gguf", SHORT["max_tokens"])
+    check_done(out, "tiny.gguf", N_TOKENS)
     # Greedy decoding: the same request streamed gives the same text.
     events = stream_to_end(shared.client(via), body)
     assert out["text"] == "".join(e["text"] for e in events[:-1])
@@ -192,9 +201,17 @@ BAD_BODIES: list[tuple[str, bytes, str | None]] = [
     ("prompt not a string", b'{"model": "tiny", "prompt": 5}', "prompt"),
     ("model not a string", b'{"model": 7, "prompt": "hi"}', "model"),
     ("stream not a bool", b'{"model": "tiny", "prompt": "hi", "stream": "yes"}', "stream"),
-    ("max_tokens not an int", b'{"model": "tiny", "prompt": "hi", "max_tokens": "many"}', "max_tokens"),
+    (
+        "max_tokens not an int",
+        b'{"model": "tiny", "prompt": "hi", "max_tokens": "many"}',
+        "max_tokens",
+    ),
     ("max_tokens zero", b'{"model": "tiny", "prompt": "hi", "max_tokens": 0}', "max_tokens"),
-    ("temperature negative", b'{"model": "tiny", "prompt": "hi", "temperature": -1}', "temperature"),
+    (
+        "temperature negative",
+        b'{"model": "tiny", "prompt": "hi", "temperature": -1}',
+        "temperature",
+    ),
     ("top_p zero", b'{"model": "tiny", "prompt": "hi", "top_p": 0}', "top_p"),
     ("top_k a string", b'{"model": "tiny", "prompt": "hi", "top_k": "x"}', "top_k"),
     ("seed negative", b'{"model": "tiny", "prompt": "hi", "seed": -3}', "seed"),
@@ -202,7 +219,9 @@ BAD_BODIES: list[tuple[str, bytes, str | None]] = [
 ]
 
 
-@pytest.mark.parametrize(("raw", "param"), [c[1:] for c in BAD_BODIES], ids=[c[0] for c in BAD_BODIES])
+@pytest.mark.parametrize(
+    ("raw", "param"), [c[1:] for c in BAD_BODIES], ids=[c[0] for c in BAD_BODIES]
+)
 def test_bad_request_bodies_are_400_naming_the_field(
     shared: Daemon, via: str, raw: bytes, param: str | None
 ) -> None:
@@ -217,7 +236,10 @@ def test_unknown_path_is_404(shared: Daemon, via: str) -> None:
     error_of(shared.client(via).get("/nope"), 404, "not_found")
 
 
-@pytest.mark.parametrize(("method", "path", "allow"), [("GET", "/infer", "POST"), ("POST", "/healthz", "GET"), ("DELETE", "/models", "GET")])
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [("GET", "/infer", "POST"), ("POST", "/healthz", "GET"), ("DELETE", "/models", "GET")],
+)
 def test_wrong_method_is_405_with_allow(
     shared: Daemon, via: str, method: str, path: str, allow: str
 ) -> None:
@@ -270,8 +292,11 @@ def test_default_model_serves_requests_without_model(with_default: Daemon, via: 
     client = with_default.client(via)
     wait_for(lambda: client.get("/readyz").status == 200, "the default model to be preloaded")
     events = stream_to_end(client, {"prompt": "hello", **SHORT})
-    check_done(events[-1], "tiny2.gguf", SHORT["max_tokens"])
+    check_done(events[-1], "tiny2.gguf", N_TOKENS)
     out = client.infer(prompt="hello", stream=False, **SHORT)
     assert out.status == 200 and out.json()["model"] == "tiny2.gguf"
     # Another model can still be named explicitly.
-    assert stream_to_end(client, {"model": "tiny", "prompt": "hi", **SHORT})[-1]["model"] == "tiny.gguf"
+    assert (
+        stream_to_end(client, {"model": "tiny", "prompt": "hi", **SHORT})[-1]["model"]
+        == "tiny.gguf"
+    )

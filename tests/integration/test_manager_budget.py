@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import permutations
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -172,24 +171,27 @@ def test_third_model_waits_while_the_other_two_stream(budget: Daemon) -> None:
         use(budget, model_id)  # whatever ran before: a and b resident, c not
     assert states(budget).get("c.gguf", "unloaded") == "unloaded"
     loads_c = instance(budget, "c.gguf").get("loads", 0)
-    with watching(budget), RawInfer(client, {"model": "a", "prompt": "x", **HOLD}) as hold_a:
-        with RawInfer(client, {"model": "b", "prompt": "x", **HOLD}) as hold_b:
-            assert hold_a.next_event() is not None and hold_b.next_event() is not None
-            with RawInfer(client, {"model": "c", "prompt": "hi", **SHORT}) as wants_c:
-                wait_for(lambda: instance(budget, "c.gguf").get("queue_depth") == 1, "c queued")
-                time.sleep(QUEUED_GRACE_S)
-                c = instance(budget, "c.gguf")
-                assert (c["state"], c["queue_depth"], c["loads"]) == ("unloaded", 1, loads_c), c
-                assert states(budget) == {"a.gguf": "ready", "b.gguf": "ready", "c.gguf": "unloaded"}
-                hold_a.close()  # a goes idle: c may now evict it
-                hung_up = time.monotonic()
-                assert wants_c.status == 200, log_tail(budget)
-                done = wants_c.events()[-1]
-                print(f"c started {time.monotonic() - hung_up:.3f} s after a went idle")
-            assert done["type"] == "done" and done["timings"]["load_ms"] > 0
-            assert done["timings"]["queue_ms"] >= QUEUED_GRACE_S * 1000
-            assert states(budget) == {"a.gguf": "unloaded", "b.gguf": "ready", "c.gguf": "ready"}
-            assert hold_b.next_event() is not None  # b was never disturbed
+    with (
+        watching(budget),
+        RawInfer(client, {"model": "a", "prompt": "x", **HOLD}) as hold_a,
+        RawInfer(client, {"model": "b", "prompt": "x", **HOLD}) as hold_b,
+    ):
+        assert hold_a.next_event() is not None and hold_b.next_event() is not None
+        with RawInfer(client, {"model": "c", "prompt": "hi", **SHORT}) as wants_c:
+            wait_for(lambda: instance(budget, "c.gguf").get("queue_depth") == 1, "c queued")
+            time.sleep(QUEUED_GRACE_S)
+            c = instance(budget, "c.gguf")
+            assert (c["state"], c["queue_depth"], c["loads"]) == ("unloaded", 1, loads_c), c
+            assert states(budget) == {"a.gguf": "ready", "b.gguf": "ready", "c.gguf": "unloaded"}
+            hold_a.close()  # a goes idle: c may now evict it
+            hung_up = time.monotonic()
+            assert wants_c.status == 200, log_tail(budget)
+            done = wants_c.events()[-1]
+            print(f"c started {time.monotonic() - hung_up:.3f} s after a went idle")
+        assert done["type"] == "done" and done["timings"]["load_ms"] > 0
+        assert done["timings"]["queue_ms"] >= QUEUED_GRACE_S * 1000
+        assert states(budget) == {"a.gguf": "unloaded", "b.gguf": "ready", "c.gguf": "ready"}
+        assert hold_b.next_event() is not None  # b was never disturbed
 
 
 def test_model_larger_than_budget_is_507_at_once(budget: Daemon) -> None:
@@ -256,7 +258,10 @@ def test_new_file_becomes_servable_without_restart(roomy: Daemon, model_store: M
     assert client.infer(model="fresh", prompt="hi").status == 404
     link(model_store.get("tiny", seed=5), roomy.models_dir / "fresh.gguf")
     assert "fresh.gguf" in {m["id"] for m in client.get("/models").json()["models"]}
-    assert stream_to_end(client, {"model": "fresh", "prompt": "hi", **SHORT})[-1]["model"] == "fresh.gguf"
+    assert (
+        stream_to_end(client, {"model": "fresh", "prompt": "hi", **SHORT})[-1]["model"]
+        == "fresh.gguf"
+    )
     # Straight to /infer, no /models in between: the miss rescans the dir.
     link(model_store.get("tiny", seed=6), roomy.models_dir / "fresh2.gguf")
     stream_to_end(client, {"model": "fresh2.gguf", "prompt": "hi", **SHORT})

@@ -48,7 +48,9 @@ def aborting_gguf(scratch: Path) -> Path:
 def with_key(src: Path, dest: Path, key: str, value: str) -> Path:
     """Copy the GGUF src to dest with one string key set to value (all else unchanged)."""
     reader = gguf.GGUFReader(src)
-    writer = gguf.GGUFWriter(dest, reader.get_field("general.architecture").contents())
+    arch = reader.get_field("general.architecture")
+    assert arch is not None
+    writer = gguf.GGUFWriter(dest, arch.contents())
     for name, field in reader.fields.items():
         if name.startswith("GGUF.") or name == "general.architecture":
             continue  # the reader's own header fields; the writer adds the architecture
@@ -65,9 +67,7 @@ def with_key(src: Path, dest: Path, key: str, value: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def daemon(
-    model_store: ModelStore, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Daemon]:
+def daemon(model_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     models = model_store.models_dir(
         tmp_path_factory.mktemp("workers"), {"tiny.gguf": "tiny", "tiny2.gguf": "tiny2"}
     )

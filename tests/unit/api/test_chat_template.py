@@ -20,14 +20,16 @@ CHATML = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 # Shaped like Llama 3's: namespace, loop controls, trim/lstrip blocks, eos-less turn ends.
-LLAMA3_LIKE = """{{ bos_token }}
-{% set ns = namespace(n=0) %}
-{% for message in messages %}
-    {% if message['role'] == 'system' %}{% continue %}{% endif %}
-    {% set ns.n = ns.n + 1 %}
-    {{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}
-{% endfor %}
-{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"""
+LLAMA3_LIKE = """{{- bos_token }}
+{%- set ns = namespace(n=0) %}
+{%- for message in messages %}
+    {%- if message['role'] == 'system' %}{% continue %}{% endif %}
+    {%- set ns.n = ns.n + 1 %}
+    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}
+    {{- message['content'] | trim + '<|eot_id|>' }}
+{%- endfor %}
+{%- if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}
+{{- '' if ns.n == 3 else raise_exception('counted ' ~ ns.n) }}"""
 # Shaped like Gemma's: refuses a conversation whose roles do not alternate.
 ALTERNATING = (
     "{% for m in messages %}"
@@ -63,9 +65,12 @@ def test_model_template_with_its_bos_and_eos() -> None:
 
 
 def test_an_end_of_turn_marker_that_is_the_eos_is_not_a_stop() -> None:
-    out = render_chat(CHATML, HI, bos="<|im_start|>", eos="<|im_end|>")
-    assert out.stop == ()
-    assert out.prompt.startswith("user\n")  # a bos that the template writes first is dropped
+    assert render_chat(CHATML, HI, eos="<|im_end|>").stop == ()
+
+
+def test_only_one_leading_bos_is_dropped() -> None:
+    out = render_chat("{{ bos_token }}{{ bos_token }}x{{ bos_token }}", HI, bos="<s>")
+    assert out.prompt == "<s>x<s>"
 
 
 def test_without_generation_prompt() -> None:
@@ -120,7 +125,6 @@ def test_name_is_passed_when_given() -> None:
         "{% set x = messages.append(1) %}",
         "{{ messages[0].update({'role': 'x'}) }}",
         "{{ messages[0].__class__.__subclasses__() }}",
-        "{{ ''.format.__self__ }}",
         "{{ '{0.__class__.__mro__}'.format('') }}x{{ ''.__class__.__mro__ }}",
     ],
 )
