@@ -39,6 +39,7 @@ def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     finally:
         code = daemon.stop()
     assert code == 0, daemon.log()[-4000:]
+    shutil.rmtree(daemon.tmp, ignore_errors=True)  # its socket and log: kept only on failure
 
 
 @pytest.mark.e2e

@@ -97,7 +97,7 @@ def test_models_lists_every_file_with_its_fields(shared: Daemon, via: str) -> No
             "error",
         } <= set(m)
         path = Path(m["path"])
-        assert path.is_absolute() and path == shared.models_dir.resolve() / m["id"]
+        assert path.is_absolute() and path.resolve() == (shared.models_dir / m["id"]).resolve()
         assert m["name"] == m["id"]
         assert m["size_bytes"] == path.stat().st_size
         assert isinstance(m["est_vram_mb"], int) and m["est_vram_mb"] > 0
