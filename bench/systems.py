@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from bench.wire import Endpoint, WireError, get_json
 
@@ -132,7 +132,7 @@ class Proc:
             self.proc.kill()
             self.proc.wait()
 
-    def __enter__(self) -> Proc:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -27,6 +27,15 @@ def string(body: dict[str, Any], name: str, *, required: bool = False) -> str | 
         return None
     if not isinstance(value, str):
         raise InvalidRequest(f"'{name}' must be a string", param=name)
+    return valid_text(value, name)
+
+
+def valid_text(value: str, name: str) -> str:
+    """Refuse strings that cannot be UTF-8 (lone surrogates from `\\ud800` escapes)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequest(f"'{name}' is not valid Unicode text", param=name) from None
     return value
 
 
@@ -89,6 +98,7 @@ def stop_list(body: dict[str, Any], name: str = "stop") -> tuple[str, ...]:
     if len(value) > MAX_STOPS:
         raise InvalidRequest(f"'{name}' has {len(value)} entries, at most {MAX_STOPS}", param=name)
     for s in value:
+        valid_text(s, name)
         if not s or len(s) > MAX_STOP_CHARS:
             raise InvalidRequest(
                 f"each '{name}' string must be 1 to {MAX_STOP_CHARS} characters", param=name
@@ -97,6 +107,7 @@ def stop_list(body: dict[str, Any], name: str = "stop") -> tuple[str, ...]:
 
 
 def prompt_text(value: str, name: str = "prompt") -> str:
+    valid_text(value, name)
     if "\0" in value:
         raise InvalidRequest(f"'{name}' must not contain NUL characters", param=name)
     return value

@@ -70,6 +70,8 @@ class Request:
             ) from None
         except RecursionError:
             raise InvalidRequest("the request body is nested too deeply") from None
+        except ValueError as exc:  # e.g. an integer literal with thousands of digits
+            raise InvalidRequest(f"the request body is not acceptable JSON: {exc}") from None
 
 
 def _reject_constant(name: str) -> Any:
@@ -150,6 +152,12 @@ class ServerConnection:
         return BadRequest(f"malformed request: {exc}")
 
     def _check_head(self, head: h11.Request) -> ModeldError | None:
+        # h11 bounds only an *incomplete* head; one that arrives whole in a single read
+        # is parsed whatever its size, so measure it here as well.
+        size = len(head.method) + len(head.target) + 12
+        size += sum(len(name) + len(value) + 4 for name, value in head.headers)
+        if size > self.limits.max_head_bytes:
+            return HeadersTooLarge(f"request head over {self.limits.max_head_bytes} bytes")
         names = [name for name, _ in head.headers]
         if b"content-length" in names and b"transfer-encoding" in names:
             return BadRequest("both Content-Length and Transfer-Encoding")

@@ -42,6 +42,7 @@ IDLE_LIMIT_S = 1.0  # Ctrl-C must leave the instance idle (inflight 0) within th
 POLL_S = 0.005  # how often /status is polled while timing the cancellation
 WATCH_INTERVAL = "0.2"  # `status --watch` refresh: several redraws in a second
 GREEDY = ("--temperature", "0", "--seed", "1")  # reproducible text, for comparisons
+CURSOR_HIDDEN, CURSOR_SHOWN = "\x1b[?25l", "\x1b[?25h"  # a spinner hides it while it spins
 ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")  # CSI sequences: colours, cursor moves
 STATS = re.compile(
     r"^(?P<tokens>\d+) tokens · (?P<rate>[\d.]+) tokens/s · first token (?P<ttft>[\d.]+ m?s)"
@@ -195,6 +196,12 @@ def screen(raw: str) -> str:
     return "\n".join(line.rsplit("\r", 1)[-1] for line in lines)
 
 
+def expect_text(child: Any) -> None:
+    """Wait until generated text streams in (after the spinner is gone)."""
+    child.expect_exact(CURSOR_SHOWN)
+    child.expect(r"\w+ \w+ \w+")
+
+
 def finish(child: Any) -> tuple[int, str]:
     """Read to the end; the exit status and everything the terminal received."""
     child.expect(pexpect.EOF)
@@ -239,7 +246,7 @@ def test_infer_on_a_tty_waits_behind_a_spinner_streams_and_prints_stats(daemon: 
     assert float(stats["rate"]) > 0
     assert stats["load"], f"the first request for {COLD_MODEL} should load it: {out}"
     assert "waiting for tiny-b" in out, "the spinner (erased once the text comes)"
-    assert raw.rfind("\x1b[?25h") > raw.rfind("\x1b[?25l"), "the cursor is shown again"
+    assert raw.rfind(CURSOR_SHOWN) > raw.rfind(CURSOR_HIDDEN), "the cursor is shown again"
     text = out[out.rindex("\n", 0, stats.start() - 1) + 1 : stats.start()]
     assert text == daemon_text(daemon, "Hi", model=COLD_MODEL) + "\n"
 
@@ -270,7 +277,7 @@ def test_on_a_tty_the_text_goes_to_stdout_and_the_stats_line_to_stderr(
 def test_ctrl_c_mid_stream_exits_130_and_the_instance_goes_idle(daemon: Daemon) -> None:
     cancelled_before = daemon.status()["cancelled"]
     child = spawn(daemon, "infer", "-m", "tiny-a", *GREEDY, "--max-tokens", str(LONG_TOKENS), "Hi")
-    child.expect(r"\w+ \w+ \w+")  # the text streams while the generation runs
+    expect_text(child)
     assert instance_field(daemon, "inflight") == 1
     child.send("\x03")
     sent = time.monotonic()
@@ -297,7 +304,7 @@ def test_ctrl_c_while_queued_exits_130_and_leaves_the_queue(daemon: Daemon) -> N
         child.send("\x03")
         code, raw = finish(child)
         assert code == 130
-        assert raw.rfind("\x1b[?25h") > raw.rfind("\x1b[?25l"), "the cursor is shown again"
+        assert raw.rfind(CURSOR_SHOWN) > raw.rfind(CURSOR_HIDDEN), "the cursor is shown again"
         assert wait_until(daemon, "queue_depth", 0, timeout=5.0) < IDLE_LIMIT_S
 
 
@@ -330,6 +337,21 @@ def test_status_watch_shows_a_daemon_going_away_and_coming_back(models_dir: Path
         child.send("\x03")
         code, _ = finish(child)
     assert code == 0
+
+
+def test_an_error_event_mid_stream_ends_the_line_and_exits_1(models_dir: Path) -> None:
+    stopping = Daemon(models_dir, *DAEMON_ARGS, "--shutdown-grace-s", "0.2").start()
+    try:
+        child = spawn(stopping, "infer", "-m", "tiny-a", "--max-tokens", str(LONG_TOKENS), "Hi")
+        expect_text(child)
+        assert stopping.proc is not None
+        stopping.proc.send_signal(signal.SIGTERM)  # the stream outlives the grace: error event
+        code, raw = finish(child)
+        assert stopping.proc.wait(EXPECT_TIMEOUT_S) == 0, stopping.log()[-4000:]
+    finally:
+        stopping.stop()
+    assert code == 1
+    assert re.search(r"\w\nerror: modeld is shutting down \(shutting_down\)\n$", screen(raw)), raw
 
 
 def test_models_on_a_tty(daemon: Daemon) -> None:

@@ -102,3 +102,9 @@ def test_request_json_errors_are_clear_400s(body: bytes) -> None:
     req = Request("POST", "/infer", "/infer", "", (), body)
     with pytest.raises(InvalidRequest):
         req.json()
+
+
+def test_head_too_large_is_431_even_when_it_arrives_whole() -> None:
+    conn = ServerConnection(SMALL)
+    out = feed(conn, b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"a" * 2000 + b"\r\n\r\n")
+    assert isinstance(out, Failure) and out.error.http_status == 431
