@@ -164,6 +164,13 @@ class InsufficientVram(ModeldError):
     http_status = 507
 
 
+class TemplateError(ModeldError):
+    """The model's chat template cannot be compiled or rendered: the model's fault."""
+
+    code = "template_error"
+    http_status = 500
+
+
 class GenerationFailed(ModeldError):
     code = "generation_failed"
     http_status = 500

@@ -23,7 +23,7 @@ import jinja2.exceptions
 import jinja2.ext
 import jinja2.sandbox
 
-from modeld.errors import InvalidRequest, ModeldError
+from modeld.errors import InvalidRequest, ModeldError, TemplateError
 
 # ChatML, documented in docs/api.md: what a model without `tokenizer.chat_template` gets.
 FALLBACK_TEMPLATE = (
@@ -40,11 +40,7 @@ MAX_RENDERED_CHARS = 8 * 1024 * 1024  # 8x the largest request body; beyond that
 TEMPLATE_CACHE_SIZE = 32  # compiled templates kept; one per distinct model is plenty
 
 
-class ChatTemplateError(ModeldError):
-    """The model's chat template cannot be compiled or rendered: the model's fault."""
-
-    code = "template_error"
-    http_status = 500
+ChatTemplateError = TemplateError  # the name this module's callers use
 
 
 @dataclass(frozen=True)
