@@ -32,7 +32,8 @@ from modeld.manager.manager import Manager, ManagerConfig
 from modeld.registry import ModelSpec, Registry
 from modeld.service import systemd
 from modeld.vram import detect_budget
-from modeld.worker.client import ProcessBackend, WorkerSettings
+from modeld.worker.client import WorkerSettings
+from modeld.worker.pool import ProcessBackend
 
 log = logging.getLogger("modeld")
 

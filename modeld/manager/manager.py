@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -33,9 +32,11 @@ from modeld.errors import (
     QueueTimeout,
     ShuttingDown,
 )
-from modeld.manager.backend import Backend, Generation, GenParams, LoadedModel
+from modeld.manager.backend import Backend, Generation
+from modeld.manager.instance import Instance, Lease, Waiter
 from modeld.manager.planner import Budget, InstanceView, Load, TooLarge, Wait, plan, used_mb
-from modeld.manager.states import State, transition
+from modeld.manager.states import State
+from modeld.manager.status import status_document
 from modeld.registry import ModelSpec
 
 log = logging.getLogger("modeld.manager")
@@ -57,64 +58,6 @@ class ManagerConfig:
     max_inflight: int = 0  # 0 = no global cap
     idle_unload_s: float = 0.0  # 0 = never
     pinned: frozenset[str] = frozenset()
-
-
-@dataclass(eq=False)
-class Waiter:
-    """One request waiting for its turn on an instance."""
-
-    enqueued_at: float
-    event: anyio.Event = field(default_factory=anyio.Event)
-    granted: bool = False
-    error: ModeldError | None = None
-    load_ms: float = 0.0
-
-
-@dataclass(eq=False)
-class Instance:
-    spec: ModelSpec
-    pinned: bool = False
-    state: State = State.UNLOADED
-    handle: LoadedModel | None = None
-    queue: deque[Waiter] = field(default_factory=deque)
-    inflight: int = 0
-    last_used: float = 0.0  # monotonic, for LRU
-    last_used_wall: float | None = None
-    vram_mb: int | None = None  # measured after a load
-    loads: int = 0
-    error: str | None = None
-    failures: int = 0
-    retry_at: float = 0.0
-    gen_ms: float | None = None  # running average of generation times
-    load_done: anyio.Event | None = None  # set when the load under way ends
-
-    @property
-    def model_id(self) -> str:
-        return self.spec.id
-
-    @property
-    def effective_mb(self) -> int:
-        return self.vram_mb if self.vram_mb is not None else self.spec.est_vram_mb
-
-    def move(self, new: State) -> None:
-        self.state = transition(self.state, new)
-
-
-@dataclass
-class Lease:
-    """The right to run one generation on a ready instance."""
-
-    instance: Instance
-    queue_ms: float
-    load_ms: float
-
-    @property
-    def model(self) -> LoadedModel:
-        assert self.instance.handle is not None
-        return self.instance.handle
-
-    def generate(self, params: GenParams) -> Any:
-        return self.model.generate(params)
 
 
 class Manager:
@@ -517,40 +460,8 @@ class Manager:
         return any(i.state is State.READY for i in self.instances.values())
 
     def status(self) -> dict[str, Any]:
-        budget = self._budget()
-        used = self.used_mb
-        now = anyio.current_time()
-        return {
-            "vram": {
-                "budget_mb": budget.budget_mb,
-                "margin_mb": budget.margin_mb,
-                "used_mb": used,
-                "available_mb": budget.usable_mb - used,
-                "source": self.config.budget_source,
-            },
-            "inflight": self.inflight,
-            "max_inflight": self.config.max_inflight,
-            "rejected": dict(self.rejected),
-            "cancelled": self.cancelled,
-            "instances": [self._instance_status(i, now) for i in self.instances.values()],
-        }
-
-    @staticmethod
-    def _instance_status(inst: Instance, now: float) -> dict[str, Any]:
-        oldest = (now - inst.queue[0].enqueued_at) * 1000 if inst.queue else 0.0
-        return {
-            "model_id": inst.model_id,
-            "state": str(inst.state),
-            "last_used": inst.last_used_wall,
-            "est_vram_mb": inst.spec.est_vram_mb,
-            "vram_mb": inst.vram_mb,
-            "inflight": inst.inflight,
-            "queue_depth": len(inst.queue),
-            "oldest_wait_ms": round(oldest, 1),
-            "loads": inst.loads,
-            "pinned": inst.pinned,
-            "error": inst.error,
-        }
+        """The `/status` document (see docs/api.md)."""
+        return status_document(self)
 
 
 def _ewma(old: float | None, new: float) -> float:

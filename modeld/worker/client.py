@@ -22,7 +22,6 @@ from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 
 import anyio
@@ -47,7 +46,6 @@ from modeld.manager.backend import (
     Started,
     Tokens,
 )
-from modeld.vram import process_vram_mb
 
 log = logging.getLogger(__name__)
 
@@ -406,90 +404,3 @@ class WorkerModel:
 
     async def close(self, error: ModeldError) -> None:
         await self.worker.close(error)
-
-
-class ProcessBackend:
-    """Loads each model into its own worker process; keeps one spare worker warm.
-
-    The spare has already paid for the interpreter and `import llama_cpp`, so a cold
-    request only pays for the model load itself.
-    """
-
-    def __init__(self, settings: WorkerSettings, *, spare: bool = True) -> None:
-        self.settings = settings
-        self._want_spare = spare
-        self._spare: WorkerProcess | None = None
-        self._spare_lock = anyio.Lock()
-        self._tg: anyio.abc.TaskGroup | None = None
-
-    async def __aenter__(self) -> ProcessBackend:
-        self._tg = anyio.create_task_group()
-        await self._tg.__aenter__()
-        if self._want_spare:
-            self._tg.start_soon(self._refill_spare)
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool | None:
-        await self.aclose()
-        assert self._tg is not None
-        return await self._tg.__aexit__(exc_type, exc, tb)
-
-    async def aclose(self) -> None:
-        self._want_spare = False
-        spare, self._spare = self._spare, None
-        if spare is not None:
-            await spare.close(ModelLoadFailed("shutting down"))
-
-    async def _refill_spare(self) -> None:
-        async with self._spare_lock:
-            if (self._spare is not None and self._spare.alive) or not self._want_spare:
-                return
-            assert self._tg is not None
-            try:
-                spare = await WorkerProcess.spawn(self._tg)
-            except ModeldError as exc:
-                log.warning("could not start a spare worker: %s", exc.message)
-                return
-            if not self._want_spare:
-                await spare.close(ModelLoadFailed("shutting down"))
-                return
-            self._spare = spare
-
-    async def _take_worker(self) -> WorkerProcess:
-        assert self._tg is not None
-        spare, self._spare = self._spare, None
-        if self._want_spare:
-            self._tg.start_soon(self._refill_spare)
-        if spare is not None and spare.alive:
-            return spare
-        return await WorkerProcess.spawn(self._tg)
-
-    async def load(self, spec_path: str, model_id: str, on_exit: ExitCallback) -> WorkerModel:
-        worker = await self._take_worker()
-        try:
-            msg = await worker.load(spec_path, self.settings)
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await worker.kill()
-            raise
-        vram = None
-        if self.settings.gpu:
-            vram = process_vram_mb(worker.pid)
-        if vram is None:
-            vram = round(float(msg.get("rss_mb", 0.0)))
-        info = LoadedInfo(
-            vram_mb=vram,
-            n_ctx=int(msg.get("n_ctx", self.settings.n_ctx)),
-            n_ctx_train=int(msg.get("n_ctx_train", 0)),
-            load_ms=float(msg.get("load_ms", 0.0)) + float(msg.get("warmup_ms", 0.0)),
-            chat_template=msg.get("chat_template"),
-            extra={k: msg[k] for k in ("model_bytes", "ctx_bytes", "bos", "eos") if k in msg},
-        )
-        worker.on_exit = on_exit
-        log.debug("worker %d loaded %s", worker.pid, model_id)
-        return WorkerModel(worker, info)

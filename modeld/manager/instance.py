@@ -1,0 +1,72 @@
+"""The manager's mutable records: an instance, a waiting request, a granted turn."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from modeld.errors import ModeldError
+from modeld.manager.backend import GenParams, LoadedModel
+from modeld.manager.states import State, transition
+from modeld.registry import ModelSpec
+
+
+@dataclass(eq=False)
+class Waiter:
+    """One request waiting for its turn on an instance."""
+
+    enqueued_at: float
+    event: anyio.Event = field(default_factory=anyio.Event)
+    granted: bool = False
+    error: ModeldError | None = None
+    load_ms: float = 0.0
+
+
+@dataclass(eq=False)
+class Instance:
+    spec: ModelSpec
+    pinned: bool = False
+    state: State = State.UNLOADED
+    handle: LoadedModel | None = None
+    queue: deque[Waiter] = field(default_factory=deque)
+    inflight: int = 0
+    last_used: float = 0.0  # monotonic, for LRU
+    last_used_wall: float | None = None
+    vram_mb: int | None = None  # measured after a load
+    loads: int = 0
+    error: str | None = None
+    failures: int = 0
+    retry_at: float = 0.0
+    gen_ms: float | None = None  # running average of generation times
+    load_done: anyio.Event | None = None  # set when the load under way ends
+
+    @property
+    def model_id(self) -> str:
+        return self.spec.id
+
+    @property
+    def effective_mb(self) -> int:
+        return self.vram_mb if self.vram_mb is not None else self.spec.est_vram_mb
+
+    def move(self, new: State) -> None:
+        self.state = transition(self.state, new)
+
+
+@dataclass
+class Lease:
+    """The right to run one generation on a ready instance."""
+
+    instance: Instance
+    queue_ms: float
+    load_ms: float
+
+    @property
+    def model(self) -> LoadedModel:
+        assert self.instance.handle is not None
+        return self.instance.handle
+
+    def generate(self, params: GenParams) -> Any:
+        return self.model.generate(params)
