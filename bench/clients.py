@@ -92,9 +92,7 @@ def _sse_data(pieces: Any) -> Any:
                 yield t, json.loads(payload)
 
 
-def llama_server_stream(
-    ep: Endpoint, model: str | None, prompt: str, max_tokens: int
-) -> Sample:
+def llama_server_stream(ep: Endpoint, model: str | None, prompt: str, max_tokens: int) -> Sample:
     """llama-server's native /completion with stream: one SSE event per token."""
     body: dict[str, Any] = {
         "prompt": prompt,

@@ -216,9 +216,7 @@ def stream_and_switch(ctx: Context) -> dict[str, Any]:
         if lcp is not None and LCP_SERVER not in errors:
             switch[LCP_SERVER] = switching(systems[LCP_SERVER], SMOL, SMOL_B)
         rss = {"daemon_mb": round(rss_mb(md.pid), 1), "workers_mb": round(md.worker_rss_mb(), 1)}
-    stream = {
-        name: {m: _summary(s) for m, s in per.items() if s} for name, per in samples.items()
-    }
+    stream = {name: {m: _summary(s) for m, s in per.items() if s} for name, per in samples.items()}
     return {
         "stream": stream,
         "greedy_vs_inproc": _greedy(samples),
@@ -249,7 +247,10 @@ def _llama_server_by_model(
 def cold(ctx: Context) -> dict[str, Any]:
     """Fresh start → first token of SmolLM2: modeld with and without its spare worker."""
     out: dict[str, Any] = {}
-    for label, args in (("modeld (spare worker)", ()), ("modeld (no spare)", ("--no-spare-worker",))):
+    for label, args in (
+        ("modeld (spare worker)", ()),
+        ("modeld (no spare)", ("--no-spare-worker",)),
+    ):
         ttfts, idle = [], []
         for i in range(COLD_REPS):
             with Modeld(ctx.tmp, ctx.models_dir, *args, tag=f"modeld-cold-{i}") as md:
@@ -307,13 +308,16 @@ def router(ctx: Context) -> dict[str, Any]:
         args = ("--models-dir", str(ctx.models_dir), "--models-max", str(keep))
         with LlamaServer(ctx.tmp, binary, f"router-max{keep}", *args) as srv:
             srv.start_healthy()
-            ids = _router_ids(srv)
-
-            def fn(model: str, prompt: str, n: int, srv: LlamaServer = srv) -> Sample:
-                return llama_server_stream(srv.endpoint, ids[model], prompt, n)
-
+            fn = partial(_router_stream, srv, _router_ids(srv))
             out[f"switching_models_max_{keep}"] = switching(fn, SMOL, SMOL_B)
     return out
+
+
+def _router_stream(
+    srv: LlamaServer, ids: dict[str, str], model: str, prompt: str, n: int
+) -> Sample:
+    """One request to the router, naming the model by the router's id for it."""
+    return llama_server_stream(srv.endpoint, ids[model], prompt, n)
 
 
 def _router_ids(srv: LlamaServer) -> dict[str, str]:

@@ -128,7 +128,13 @@ def run(opts: Options) -> dict[str, Any]:
     if opts.profile_s > 0:
         from bench import profile
 
-        _phase(results, budget, "profile", opts.profile_s + 30, lambda: profile.run(ctx, opts))
+        _phase(
+            results,
+            budget,
+            "profile",
+            opts.profile_s + 30,
+            lambda: profile.run(ctx, opts.profile_s, opts.out),
+        )
     results["meta"]["wall_s"] = round(opts.budget_s - budget.left(), 1)
     results["targets"] = report.targets(results)
     report.write(results, opts.out)
@@ -142,9 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=1200.0, help="whole-run time limit")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="bench cache dir")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="results dir")
-    ap.add_argument(
-        "--lcp-python", default=sys.executable, help="interpreter for llama_cpp.server"
-    )
+    ap.add_argument("--lcp-python", default=sys.executable, help="interpreter for llama_cpp.server")
     ap.add_argument(
         "--lcp-pythonpath",
         default=os.environ.get("BENCH_LCP_PYTHONPATH"),

@@ -244,6 +244,7 @@ def test_infer_on_a_tty_waits_behind_a_spinner_streams_and_prints_stats(daemon: 
     assert stats, out
     assert stats["tokens"] == str(SHORT_TOKENS) and stats["model"] == COLD_MODEL
     assert float(stats["rate"]) > 0
+    assert re.search(r"\x1b\[2m\d+ tokens · ", raw), "the stats line is dim"
     assert stats["load"], f"the first request for {COLD_MODEL} should load it: {out}"
     assert "waiting for tiny-b" in out, "the spinner (erased once the text comes)"
     assert raw.rfind(CURSOR_SHOWN) > raw.rfind(CURSOR_HIDDEN), "the cursor is shown again"
@@ -351,7 +352,9 @@ def test_an_error_event_mid_stream_ends_the_line_and_exits_1(models_dir: Path) -
     finally:
         stopping.stop()
     assert code == 1
-    assert re.search(r"\w\nerror: modeld is shutting down \(shutting_down\)\n$", screen(raw)), raw
+    assert re.search(r"[^\n]\nerror: modeld is shutting down \(shutting_down\)\n$", screen(raw)), (
+        raw
+    )
 
 
 def test_models_on_a_tty(daemon: Daemon) -> None:

@@ -10,6 +10,7 @@ generation a fuzzed request starts is over in milliseconds.
 
 from __future__ import annotations
 
+import itertools
 import json
 import socket
 import time
@@ -29,12 +30,13 @@ from tests.integration.test_hardening_http import (
     read_to_close,
 )
 
-FUZZ_SETTINGS = settings(
-    max_examples=150,  # a few seconds per test on a 2-core machine
+RAW_SETTINGS = settings(
+    max_examples=150,  # about 8 s: a few examples wait out the 0.3 s head deadline
     deadline=None,  # each example talks to a real daemon: timing varies
     database=None,  # no .hypothesis/ directory in the tree
     suppress_health_check=[HealthCheck.too_slow],
 )
+JSON_SETTINGS = settings(RAW_SETTINGS, max_examples=300)  # about 3 s: each is one request
 DAEMON_ARGS = (
     "--n-ctx",
     "64",
@@ -107,17 +109,22 @@ def fuzz_daemon(
 def pieces(data: bytes, cuts: list[int]) -> list[bytes]:
     """data split at the given offsets (taken modulo its length)."""
     points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
-    return [data[a:b] for a, b in zip(points, points[1:], strict=False) if b > a]
+    return [data[a:b] for a, b in itertools.pairwise(points) if b > a]
 
 
-@FUZZ_SETTINGS
+@RAW_SETTINGS
 @given(
     via=st.sampled_from(["unix", "tcp"]),
     payload=payloads,
     cuts=st.lists(st.integers(min_value=0, max_value=1 << 16), max_size=4),
     half_close=st.sampled_from([True, True, True, False]),
 )
-@example(via="tcp", payload=b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n", cuts=[5], half_close=False)
+@example(
+    via="tcp",
+    payload=b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    cuts=[5],
+    half_close=False,
+)
 @example(via="unix", payload=b"\x16\x03\x01\x00\xf5\x01", cuts=[], half_close=False)
 def test_raw_bytes_get_a_4xx_and_a_close(
     fuzz_daemon: Daemon, via: str, payload: bytes, cuts: list[int], half_close: bool
@@ -148,7 +155,17 @@ def test_raw_bytes_get_a_4xx_and_a_close(
 
 # ---- JSON bodies ---------------------------------------------------------------------------------
 
-FIELDS = ["model", "prompt", "stream", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop"]
+FIELDS = [
+    "model",
+    "prompt",
+    "stream",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "stop",
+]
 json_values = st.recursive(
     st.none()
     | st.booleans()
@@ -156,7 +173,9 @@ json_values = st.recursive(
     | st.integers(min_value=2**31, max_value=2**200)
     | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=12),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
     max_leaves=8,
 )
 # JSON texts json.dumps would not write (or would write differently) from Python values.
@@ -193,13 +212,17 @@ def bodies(draw: st.DrawFn) -> bytes:
     return text.encode("utf-8", "surrogatepass")
 
 
-@FUZZ_SETTINGS
+@JSON_SETTINGS
 @given(
     via=st.sampled_from(["unix", "tcp"]),
     path=st.sampled_from(["/infer", "/infer", "/v1/completions", "/v1/chat/completions"]),
     body=bodies(),
 )
-@example(via="unix", path="/infer", body=b'{"model": "tiny", "prompt": "hi", "max_tokens": ' + b"1" * 5000 + b"}")
+@example(
+    via="unix",
+    path="/infer",
+    body=b'{"model": "tiny", "prompt": "hi", "max_tokens": ' + b"1" * 5000 + b"}",
+)
 @example(via="tcp", path="/infer", body=b'{"model": "tiny", "prompt": "\\ud800", "stream": false}')
 @example(via="unix", path="/infer", body=b'{"model": "tiny", "prompt": "a\\u0000b"}')
 @example(via="tcp", path="/infer", body=b'{"model": "tiny\\u0000", "prompt": "hi"}')

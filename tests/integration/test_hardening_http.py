@@ -360,9 +360,17 @@ GARBAGE: dict[str, bytes] = {
     "space before colon": b"GET /healthz HTTP/1.1\r\n" + HOST + b"X-A : b\r\n\r\n",
     "nul in a header": b"GET /healthz HTTP/1.1\r\n" + HOST + b"X-A: b\x00c\r\n\r\n",
     "negative length": b"POST /infer HTTP/1.1\r\n" + HOST + b"Content-Length: -1\r\n\r\n",
-    "huge length": b"POST /infer HTTP/1.1\r\n" + HOST + b"Content-Length: " + b"9" * 40 + b"\r\n\r\n",
-    "two lengths": b"POST /infer HTTP/1.1\r\n" + HOST + b"Content-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
-    "bad chunk size": b"POST /infer HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n",
+    "huge length": b"POST /infer HTTP/1.1\r\n"
+    + HOST
+    + b"Content-Length: "
+    + b"9" * 40
+    + b"\r\n\r\n",
+    "two lengths": b"POST /infer HTTP/1.1\r\n"
+    + HOST
+    + b"Content-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
+    "bad chunk size": b"POST /infer HTTP/1.1\r\n"
+    + HOST
+    + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n",
     "http/1.1 without host": b"GET /healthz HTTP/1.1\r\n\r\n",
     "lone CR": b"GET /healthz HTTP/1.1\r" + HOST + b"\r\n",
 }
@@ -380,7 +388,7 @@ def test_garbage_gets_a_4xx_and_close(daemon: Daemon, via: str, payload: bytes) 
     daemon_alive(daemon)
 
 
-# ---- a client that stops reading ------------------------------------------------------------------
+# ---- a client that stops reading -------------------------------------------------------------
 
 
 def test_a_slow_reader_is_dropped_and_its_generation_cancelled(daemon: Daemon) -> None:
@@ -391,7 +399,13 @@ def test_a_slow_reader_is_dropped_and_its_generation_cancelled(daemon: Daemon) -
     stream a tiny context can produce, so this case is only made over the Unix socket.)
     """
     client = daemon.client()
-    body = {"model": "tiny", "prompt": "hi", "max_tokens": N_CTX - 16, "temperature": 0.0}
+    max_tokens = N_CTX - 16
+    body: dict[str, Any] = {
+        "model": "tiny",
+        "prompt": "hi",
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
     sse = {"Accept": "text/event-stream"}  # SSE: the most bytes per token
     warm = client.request("POST", "/infer", {**body, "max_tokens": 64}, headers=sse)
     assert warm.status == 200 and b'"type":"done"' in warm.body  # the model is loaded
@@ -409,7 +423,7 @@ def test_a_slow_reader_is_dropped_and_its_generation_cancelled(daemon: Daemon) -
             nonlocal peak
             peak = max(peak, vm_rss_kb(pid))
             status = daemon.status()
-            return status["inflight"] == 0 and status["cancelled"] == cancelled + 1
+            return bool(status["inflight"] == 0 and status["cancelled"] == cancelled + 1)
 
         wait_for(dropped, "the slow reader to be dropped", timeout=10 * SEND_TIMEOUT_S)
         took = time.monotonic() - started
@@ -418,10 +432,10 @@ def test_a_slow_reader_is_dropped_and_its_generation_cancelled(daemon: Daemon) -
     assert peak - base < RSS_SLACK_KB, f"RSS grew from {base} to {peak} KiB"
     assert closed and raw.startswith(b"HTTP/1.1 200 ")
     assert b'"type":"done"' not in raw, raw[-300:]
-    assert len(raw) < body["max_tokens"] * len(SSE_EMPTY_TOKEN), len(raw)  # far from all of it
+    assert len(raw) < max_tokens * len(SSE_EMPTY_TOKEN), len(raw)  # far from all of it
     gone = [e for e in log_events(daemon, "request") if e.get("outcome") == "client_gone"]
     assert gone, log_tail(daemon)
-    assert gone[-1]["tokens"] < body["max_tokens"], gone[-1]  # the generation was stopped
+    assert gone[-1]["tokens"] < max_tokens, gone[-1]  # the generation was stopped
     stream_to_end(client, {"model": "tiny", "prompt": "hi", "max_tokens": 8})
 
 
@@ -506,7 +520,7 @@ def test_a_missing_prompt_is_a_400_naming_it(daemon: Daemon, via: str) -> None:
 
 
 def test_values_at_the_edges_of_their_ranges_are_accepted(daemon: Daemon, via: str) -> None:
-    edges = [
+    edges: list[dict[str, Any]] = [
         {"max_tokens": 1, "temperature": 0, "top_p": 1, "top_k": 0, "seed": 0},
         {"temperature": 100, "top_p": 1e-9, "top_k": 1 << 20, "seed": 2**32 - 1},
         {"stop": ["s" * 512], "max_tokens": 3.0},
@@ -519,7 +533,9 @@ def test_values_at_the_edges_of_their_ranges_are_accepted(daemon: Daemon, via: s
 
 
 @pytest.fixture(scope="module")
-def small_ctx(model_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+def small_ctx(
+    model_store: ModelStore, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Daemon]:
     models = model_store.models_dir(tmp_path_factory.mktemp("small-ctx"), MODELS)
     with running(models, "--n-ctx", "64", "--no-spare-worker") as d:
         yield d
@@ -621,7 +637,9 @@ def test_the_unix_socket_does_not_check_host(daemon: Daemon) -> None:
 MAX_CONNECTIONS = 4  # --max-connections of the cap test's daemon
 
 
-def test_connections_past_the_cap_get_503_and_close(model_store: ModelStore, tmp_path: Path) -> None:
+def test_connections_past_the_cap_get_503_and_close(
+    model_store: ModelStore, tmp_path: Path
+) -> None:
     models = model_store.models_dir(tmp_path / "models", MODELS)
     args = ("--max-connections", str(MAX_CONNECTIONS), "--keepalive-timeout-s", "30")
     with running(models, *args, "--no-spare-worker") as daemon:
@@ -633,7 +651,9 @@ def test_connections_past_the_cap_get_503_and_close(model_store: ModelStore, tmp
             held.append(sock)  # served and kept alive: it certainly counts
         try:
             for via in ("unix", "tcp"):
-                responses, closed = exchange(daemon, via, b"GET /healthz HTTP/1.1\r\n" + HOST + b"\r\n")
+                responses, closed = exchange(
+                    daemon, via, b"GET /healthz HTTP/1.1\r\n" + HOST + b"\r\n"
+                )
                 assert [r.status for r in responses] == [503], responses
                 check_error(responses[0], 503, "too_many_connections")
                 assert responses[0].closes and closed

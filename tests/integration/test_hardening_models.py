@@ -94,7 +94,9 @@ class Bystander(threading.Thread):
     def run(self) -> None:
         while not self.stop.is_set():
             try:
-                events = list(self.client.stream({"model": self.model, "prompt": "hi", **BYSTANDER}))
+                events = list(
+                    self.client.stream({"model": self.model, "prompt": "hi", **BYSTANDER})
+                )
                 assert_one_done(events)
                 self.done += 1
             except Exception as exc:  # recorded, then asserted on in the test's thread
@@ -318,7 +320,11 @@ def idle_spare(daemon: Daemon, busy: set[int]) -> int:
 def hang_daemon(
     model_store: ModelStore, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Daemon]:
-    files = {"good.gguf": "tiny", "stuck.gguf": "tiny2", "crashy.gguf": model_store.get("tiny", seed=3)}
+    files: dict[str, str | Path] = {
+        "good.gguf": "tiny",
+        "stuck.gguf": "tiny2",
+        "crashy.gguf": model_store.get("tiny", seed=3),
+    }
     models = model_store.models_dir(tmp_path_factory.mktemp("hang"), files)
     with running(models, "--load-timeout-s", str(LOAD_TIMEOUT_S)) as d:
         stream_to_end(d.client(), {"model": "good", "prompt": "hi", **SHORT})
