@@ -24,12 +24,13 @@ import anyio.abc
 import anyio.streams.stapled
 
 from modeld.api.app import App, AppState
+from modeld.api.openai import install as install_openai
 from modeld.config import Config
 from modeld.gguf.estimate import estimate_vram_mb
 from modeld.gguf.info import ModelInfo
 from modeld.http.server import ConnectionSlots, ConnInfo, serve_connection
 from modeld.manager.manager import Manager, ManagerConfig
-from modeld.registry import ModelSpec, Registry
+from modeld.registry import Estimator, ModelSpec, Registry
 from modeld.service import systemd
 from modeld.vram import detect_budget
 from modeld.worker.client import WorkerSettings
@@ -158,7 +159,9 @@ def _daemon_alive(path: Path) -> bool:
         probe.close()
 
 
-def _estimator(cfg: Config, gpu: bool):  # type: ignore[no-untyped-def]
+def _estimator(cfg: Config, gpu: bool) -> Estimator:
+    """The registry's estimate: the GGUF formula at this daemon's settings."""
+
     def estimate(info: ModelInfo | None, size_bytes: int) -> int:
         if info is None:
             return -(-size_bytes // (1024 * 1024))
@@ -224,7 +227,7 @@ class Daemon:
                 manager = Manager(backend, mcfg)
                 self.manager = manager
                 app = App(AppState(self.registry, manager, self._default_id()))
-                self._install_extra_routes(app)
+                install_openai(app)
                 async with anyio.create_task_group() as tg:
                     await tg.start(manager.run)
                     conn_tg_scope = await tg.start(self._serve, listeners, app)
@@ -240,23 +243,16 @@ class Daemon:
         log.info("modeld stopped")
         return 0
 
-    def _install_extra_routes(self, app: App) -> None:
-        try:
-            from modeld.api.openai import install  # type: ignore[import-not-found,unused-ignore]
-        except ImportError:
-            return
-        install(app)
-
     def _default_id(self) -> str | None:
         if self.cfg.default_model is None:
             return None
-        spec = self.registry._lookup(self.cfg.default_model)
+        spec = self.registry.lookup(self.cfg.default_model)
         return spec.id if spec else self.cfg.default_model
 
     def _resolve_ids(self, names: Iterable[str]) -> list[str]:
         out = []
         for name in names:
-            spec = self.registry._lookup(name)
+            spec = self.registry.lookup(name)
             out.append(spec.id if spec else name)
         return out
 
@@ -266,7 +262,7 @@ class Daemon:
             names.insert(0, self.cfg.default_model)
         specs: list[ModelSpec] = []
         for name in names:
-            spec = self.registry._lookup(name)
+            spec = self.registry.lookup(name)
             if spec is None:
                 log.warning("cannot preload %s: no such model in the models dir", name)
             else:

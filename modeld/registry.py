@@ -98,15 +98,16 @@ class Registry:
 
     def resolve(self, name: str) -> ModelSpec:
         """Find a model by id (with or without `.gguf`), rescanning once on a miss."""
-        spec = self._lookup(name)
+        spec = self.lookup(name)
         if spec is None or not spec.path.exists():  # new, renamed or removed files
             self.scan()
-            spec = self._lookup(name)
+            spec = self.lookup(name)
         if spec is None:
             raise ModelNotFound(f"no model {name!r} in the models dir", param="model")
         return spec
 
-    def _lookup(self, name: str) -> ModelSpec | None:
+    def lookup(self, name: str) -> ModelSpec | None:
+        """Find a model by id (with or without `.gguf`) among those last scanned."""
         if not name or "/" in name or "\0" in name or name in (".", ".."):
             return None
         spec = self._specs.get(name)
