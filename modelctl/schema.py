@@ -152,6 +152,7 @@ class Outcome:
     load_ms: float | None
     ttft_ms: float | None
     total_ms: float | None
+    decode_ms: float | None = None
 
     @classmethod
     def from_json(cls, value: Any) -> Outcome:
@@ -167,11 +168,18 @@ class Outcome:
             load_ms=_float(timings, "load_ms"),
             ttft_ms=_float(timings, "ttft_ms"),
             total_ms=_float(timings, "total_ms"),
+            decode_ms=_float(timings, "decode_ms"),
         )
 
     def tokens_per_second(self) -> float | None:
-        """Decode speed: tokens after the first over the time after the first token."""
+        """Decode speed: tokens after the first over the time after the first token.
+
+        The daemon's `decode_ms` is timed where the tokens are made; without it, the
+        time between first token and end as the daemon saw it is used.
+        """
         n, ttft, total = self.completion_tokens, self.ttft_ms, self.total_ms
+        if n is not None and n >= 2 and self.decode_ms:
+            return (n - 1) / (self.decode_ms / 1000)
         if n is None or n < 2 or ttft is None or total is None or total <= ttft:
             return None
         return (n - 1) / ((total - ttft) / 1000)

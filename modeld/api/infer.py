@@ -82,6 +82,7 @@ class Outcome:
         self.queue_ms = 0.0
         self.load_ms = 0.0
         self.ttft_ms: float | None = None
+        self.decode_ms = 0.0
         self.tokens = 0
 
     def timings(self) -> dict[str, float]:
@@ -92,6 +93,7 @@ class Outcome:
             "load_ms": self.load_ms,
             "ttft_ms": self.ttft_ms if self.ttft_ms is not None else total_ms,
             "total_ms": total_ms,
+            "decode_ms": self.decode_ms,
         }
 
     def log(self, status: int) -> None:
@@ -198,6 +200,7 @@ async def run_generation(
                     await sink.tokens(event.texts)
                 elif isinstance(event, Finished):
                     outcome.tokens = event.completion_tokens
+                    outcome.decode_ms = round(event.decode_ms, 2)
                     outcome.how = event.finish_reason
                     await sink.finished(event)
                     return

@@ -46,6 +46,7 @@ class Finished:
     finish_reason: str  # stop | length | cancelled
     prompt_tokens: int
     completion_tokens: int
+    decode_ms: float = 0.0  # first token to last, timed in the worker
 
 
 @dataclass(frozen=True)

@@ -291,6 +291,7 @@ class WorkerProcess:
                 str(msg["finish_reason"]),
                 int(msg["prompt_tokens"]),
                 int(msg["completion_tokens"]),
+                float(msg.get("gen_ms", 0.0)),
             )
         cls = ERROR_CODES.get(str(msg.get("code")), GenerationFailed)
         return Failed(cls(str(msg.get("message", "generation failed"))))
