@@ -60,7 +60,7 @@ bench-deps: $(STAMP)
 bench: demo-model
 	$(BIN)/python -m bench.run
 
-soak: demo-model
+soak: $(STAMP)
 	$(BIN)/python -m bench.soak
 
 install-user-units:

@@ -7,22 +7,26 @@ them into self and inclusive shares per function and per package, for the report
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from bench.clients import Sample, modeld_stream
 from bench.phases import TINY, Context, prompt_for
-from bench.systems import Modeld
+from bench.systems import Modeld, children
+from bench.wire import Endpoint
 
 SAMPLE_RATE_HZ = 200  # py-spy's default is 100; twice that resolves the per-token work better
 PROFILE_TOKENS = 1024  # per request: long streams, so request set-up is a small share
 TOP_N = 25  # functions listed in the summary
+UNPROFILED_S = 5.0  # CPU-per-token window before py-spy attaches (py-spy itself costs some)
 
 
 def _frames(stack: str) -> list[str]:
@@ -35,15 +39,14 @@ def _frames(stack: str) -> list[str]:
 
 
 def _package(frame: str) -> str:
-    """A frame's package label, e.g. 'modeld/http' or 'anyio' or 'stdlib:json'."""
+    """A frame's package: 'modeld/http', 'anyio', 'asyncio', 'json', 'selectors', ..."""
     loc = frame.rsplit(" (", 1)[-1].rstrip(")").rsplit(":", 1)[0]
     parts = loc.replace("\\", "/").split("/")
-    if "site-packages" in parts:
-        return parts[parts.index("site-packages") + 1]
-    if "modeld" in parts:
-        i = parts.index("modeld")
-        return "/".join(parts[i : i + 2]).removesuffix(".py")
-    return "stdlib:" + parts[-1].removesuffix(".py")
+    if "site-packages" in parts:  # an absolute path: the package follows site-packages
+        parts = parts[parts.index("site-packages") + 1 :]
+    if parts[0] == "modeld" and len(parts) > 2:
+        return "/".join(parts[:2])
+    return parts[0].removesuffix(".py")
 
 
 def summarize(raw: str) -> dict[str, Any]:
@@ -65,7 +68,8 @@ def summarize(raw: str) -> dict[str, Any]:
         self_fn[frames[-1]] += n
         self_pkg[_package(frames[-1])] += n
         for f in set(frames):
-            incl_fn[f] += n
+            if "modeld/" in f and "modeld/__main__" not in f and "modeld/cli" not in f:
+                incl_fn[f] += n
         for p in {_package(f) for f in frames}:
             incl_pkg[p] += n
 
@@ -75,7 +79,7 @@ def summarize(raw: str) -> dict[str, Any]:
     return {
         "samples": total,
         "self_by_function_pct": pct(self_fn, TOP_N),
-        "inclusive_by_function_pct": pct(incl_fn, TOP_N),
+        "inclusive_modeld_functions_pct": pct(incl_fn, TOP_N),
         "self_by_package_pct": pct(self_pkg, 15),
         "inclusive_by_package_pct": pct(incl_pkg, 15),
     }
@@ -87,40 +91,97 @@ def _py_spy() -> str | None:
     return str(here) if here.is_file() else shutil.which("py-spy")
 
 
+def _cpu_s(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds a live process has used."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0, 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+class _Load:
+    """Streams the tiny model back to back in a thread and counts the tokens."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self.samples: list[Sample] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._go, daemon=True)
+        self.thread.start()
+
+    def _go(self) -> None:
+        i = 0
+        while not self.stop.is_set():
+            self.samples.append(modeld_stream(self.endpoint, TINY, prompt_for(i), PROFILE_TOKENS))
+            i += 1
+
+    def tokens(self) -> int:
+        return sum(s.n_tokens for s in list(self.samples))
+
+
+def _window(md: Modeld, load: _Load, action: Callable[[], None]) -> dict[str, Any]:
+    """CPU the daemon and its workers used per streamed token while action() ran."""
+    pids = [md.pid, *children(md.pid)]
+    before = [_cpu_s(p) for p in pids]
+    n0, t0 = load.tokens(), time.perf_counter()
+    action()
+    n1, t1 = load.tokens(), time.perf_counter()
+    after = [_cpu_s(p) for p in pids]
+    tokens = max(1, n1 - n0)
+    user, sys_ = (after[0][i] - before[0][i] for i in (0, 1))
+    workers = sum(a[0] + a[1] - b[0] - b[1] for a, b in zip(after[1:], before[1:], strict=True))
+    wall = t1 - t0
+    return {
+        "wall_s": round(wall, 2),
+        "tokens": n1 - n0,
+        "tok_s": round((n1 - n0) / wall, 1),
+        "daemon_cpu_pct": round(100.0 * (user + sys_) / wall, 1),
+        "daemon_user_us_per_token": round(1e6 * user / tokens, 1),
+        "daemon_sys_us_per_token": round(1e6 * sys_ / tokens, 1),
+        "workers_cpu_pct": round(100.0 * workers / wall, 1),
+    }
+
+
 def run(ctx: Context, seconds: float, out: Path) -> dict[str, Any]:
-    """Stream the tiny model through a fresh daemon while py-spy records the daemon."""
+    """Stream the tiny model through a fresh daemon; measure its CPU, then py-spy it."""
     spy = _py_spy()
     if spy is None:
         raise RuntimeError("py-spy is not installed (pip install py-spy)")
     raw_path = out / "profile-daemon.txt"
-    stop = threading.Event()
-    samples: list[Sample] = []
+    cmd = [spy, "record", "--gil", "-d", str(int(seconds)), "-r", str(SAMPLE_RATE_HZ)]
+    cmd += ["-f", "raw", "-o", str(raw_path), "-p"]
+    result: dict[str, Any] = {}
     with Modeld(ctx.tmp, ctx.models_dir, "--preload", TINY, tag="modeld-profile") as md:
         md.start_healthy()
         md.wait_ready([TINY])
-
-        def load() -> None:
-            i = 0
-            while not stop.is_set():
-                samples.append(modeld_stream(md.endpoint, TINY, prompt_for(i), PROFILE_TOKENS))
-                i += 1
-
-        th = threading.Thread(target=load, daemon=True)
-        th.start()
+        load = _Load(md.endpoint)
         time.sleep(0.5)
-        cmd = [spy, "record", "-p", str(md.pid), "-d", str(int(seconds))]
-        cmd += ["-r", str(SAMPLE_RATE_HZ), "-f", "raw", "-o", str(raw_path)]
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=seconds + 60, check=False
-        )
-        stop.set()
-        th.join(30)
-    if proc.returncode != 0 or not raw_path.is_file():
-        raise RuntimeError(f"py-spy failed: {(proc.stderr or proc.stdout).strip()[-400:]}")
-    summary = summarize(raw_path.read_text())
-    summary["requests"] = len(samples)
-    if samples:
-        rates = sorted(s.decode_tok_s for s in samples)
-        summary["tiny_tok_s_while_profiled_median"] = round(rates[len(rates) // 2], 1)
-    summary["raw_stacks"] = raw_path.name
-    return summary
+        result["unprofiled"] = _window(md, load, lambda: time.sleep(UNPROFILED_S))
+        proc: list[subprocess.CompletedProcess[str]] = []
+
+        def record() -> None:
+            proc.append(
+                subprocess.run(
+                    [*cmd, str(md.pid)],
+                    capture_output=True,
+                    text=True,
+                    timeout=seconds + 60,
+                    check=False,
+                )
+            )
+
+        result["profiled"] = _window(md, load, record)
+        load.stop.set()
+        load.thread.join(30)
+    if proc[0].returncode != 0 or not raw_path.is_file():
+        raise RuntimeError(f"py-spy failed: {(proc[0].stderr or proc[0].stdout).strip()[-400:]}")
+    result.update(summarize(raw_path.read_text()))
+    result["raw_stacks"] = raw_path.name
+    result["note"] = (
+        "py-spy --gil: only samples where a daemon thread held the GIL (Python work); "
+        "kernel time (socket and pipe syscalls) shows in daemon_sys_us_per_token instead"
+    )
+    return result

@@ -174,6 +174,13 @@ def markdown(results: dict[str, Any]) -> str:
     extra["modeld_rss_3_models"] = _get(results, "stream", "modeld_rss_3_models")
     lines += ["", "## Control plane and memory", "", "```json", json.dumps(extra, indent=1)]
     lines += ["```", ""]
+    lines += _profile_lines(results.get("profile"))
+    lines += ["## Phases", "", "| phase | seconds | other processes' load (cores) |"]
+    lines += ["|---|---:|---:|"]
+    for name, secs in results.get("phase_s", {}).items():
+        other = _get(results, "other_load_cores", name)
+        lines.append(f"| {name} | {_fmt(secs)} | {_fmt(other, 2)} |")
+    lines.append("")
     if results.get("skipped"):
         lines += ["## Skipped or failed", ""]
         lines += [f"- {k}: {v}" for k, v in results["skipped"].items()]
@@ -181,6 +188,26 @@ def markdown(results: dict[str, Any]) -> str:
     if errors:
         lines += [f"- stream error, {k}: {v}" for k, v in errors.items()]
     return "\n".join(lines) + "\n"
+
+
+def _profile_lines(prof: Any) -> list[str]:
+    """The daemon's CPU per token and its hottest functions, when the run profiled it."""
+    if not isinstance(prof, dict):
+        return []
+    lines = ["## Daemon profile (tiny model streaming back to back)", ""]
+    for key in ("unprofiled", "profiled"):
+        if key in prof:
+            lines.append(f"- {key}: {json.dumps(prof[key])}")
+    lines += ["", f"py-spy, {prof.get('samples')} samples holding the GIL: {prof.get('note')}"]
+    lines += ["", "| self % | function |", "|---:|---|"]
+    lines += [f"| {pct} | `{fn}` |" for fn, pct in prof.get("self_by_function_pct", [])[:15]]
+    lines += ["", "| inclusive % | modeld function |", "|---:|---|"]
+    lines += [
+        f"| {pct} | `{fn}` |" for fn, pct in prof.get("inclusive_modeld_functions_pct", [])[:15]
+    ]
+    lines += ["", "| self % | package |", "|---:|---|"]
+    lines += [f"| {pct} | {pkg} |" for pkg, pct in prof.get("self_by_package_pct", [])]
+    return [*lines, ""]
 
 
 def chart(results: dict[str, Any], path: Path) -> str | None:

@@ -17,6 +17,7 @@ the run as a whole have a deadline, and the daemon is always stopped.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -50,7 +51,7 @@ POLL_S = 0.002  # how often a queue state is looked at
 SAMPLE_S = 0.25  # how often the sampler reads RSS, fds and /status
 WARMUP_FRACTION = 0.05  # the first 5% of rounds (at least MIN_WARMUP_ROUNDS) warm up
 MIN_WARMUP_ROUNDS = 4  # each thread loads its model and runs each kind of request twice
-RSS_TOLERANCE = 0.10  # the daemon's RSS may end at most 10% above the warm-up level
+RSS_TOLERANCE = 0.10  # the daemon's RSS may never be more than 10% above the warm-up level
 STOP_GRACE_S = 20.0  # SIGTERM to exit; SIGKILL after this
 DAEMON_ARGS = (
     "--threads",
@@ -114,6 +115,11 @@ class Tally:
                 self.ok[kind] += 1
             elif len(self.failures) < 50:
                 self.failures.append(f"{kind}: {error}")
+
+    def note(self, failure: str) -> None:
+        """A failure that is no single request's (a round cut short, the time bound)."""
+        with self.lock:
+            self.failures.append(failure)
 
     @property
     def done(self) -> int:
@@ -307,7 +313,7 @@ class Driver:
             self.step("normal", lambda: expect_done(waiter, waiter.read_head(), True))
         for i in range(PER_ROUND["normal"] - 1):
             body = {**short, "stream": i % 2 == 0}
-            self.step("normal", lambda b=body: self.normal(keep, b))  # type: ignore[misc]
+            self.step("normal", functools.partial(self.normal, keep, body))
 
     def rejected(self, ep: Endpoint, body: dict[str, Any]) -> None:
         with Conn(ep, SOCKET_TIMEOUT_S) as conn:
@@ -337,7 +343,7 @@ def drive(driver: Driver, model: str, rounds: range, deadline: float) -> None:
     try:
         for n in rounds:
             if time.monotonic() > deadline:
-                driver.tally.failures.append(f"{model}: stopped by --max-seconds")
+                driver.tally.note(f"{model}: stopped by --max-seconds")
                 return
             which = n % 2
             if which not in keep:
@@ -347,7 +353,7 @@ def drive(driver: Driver, model: str, rounds: range, deadline: float) -> None:
                 driver.round(model, eps[which], keep[which])
             except (SoakError, WireError, OSError, ValueError) as exc:
                 missing = ROUND - (driver.tally.done - before)
-                driver.tally.record("round", f"{model} round {n} aborted, {missing} lost: {exc}")
+                driver.tally.note(f"{model} round {n} aborted, {missing} requests lost: {exc}")
                 keep.pop(which).close()
     finally:
         for conn in keep.values():
@@ -443,6 +449,7 @@ class Report:
     zombies_end: int = 0
     models_mapped: dict[str, int] = field(default_factory=dict)
     exit_code: int | None = None
+    kept: str | None = None  # the workdir (models, socket, daemon.log), when it was kept
     criteria: list[tuple[str, bool, str]] = field(default_factory=list)
     samples: list[Sample] = field(default_factory=list)
 
@@ -462,6 +469,8 @@ class Report:
         )
         out += [f"  [{'PASS' if ok else 'FAIL'}] {name}: {why}" for name, ok, why in self.criteria]
         out += [f"  failure: {f}" for f in self.failures[:20]]
+        if self.kept:
+            out.append(f"  kept: {self.kept} (daemon.log is there)")
         out.append("PASSED" if self.passed else "FAILED")
         return "\n".join(out)
 
@@ -492,8 +501,8 @@ def judge(r: Report, planned: int) -> list[tuple[str, bool, str]]:
         ),
         (
             "RSS within +10% of warm-up",
-            r.rss_end_kb <= rss_limit,
-            f"{r.rss_end_kb} KiB at the end, limit {rss_limit} KiB",
+            max(r.rss_end_kb, r.rss_peak_kb) <= rss_limit,
+            f"{r.rss_end_kb} KiB at the end, peak {r.rss_peak_kb} KiB, limit {rss_limit} KiB",
         ),
         ("fd count back to baseline", r.fds_end <= r.fds_base, f"{r.fds_end} vs {r.fds_base}"),
         (
@@ -547,7 +556,7 @@ def run(config: SoakConfig) -> Report:
         r.samples = sampler.samples
         finish(r, daemon, warm_at)
     except (SoakError, OSError, WireError) as exc:
-        tally.failures.append(f"run aborted: {type(exc).__name__}: {exc}")
+        tally.note(f"run aborted: {type(exc).__name__}: {exc}")
     finally:
         sampler.halt.set()
         r.exit_code = daemon.stop()
@@ -557,7 +566,7 @@ def run(config: SoakConfig) -> Report:
     if r.passed and not config.keep:
         shutil.rmtree(workdir, ignore_errors=True)
     else:
-        r.failures.append(f"daemon log kept: {daemon.log_path}")
+        r.kept = str(workdir)
     return r
 
 

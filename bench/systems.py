@@ -60,6 +60,32 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def _stat_cpu_s(pid: int | str) -> float:
+    """utime + stime + cutime + cstime of a process, in seconds (0.0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds of a process and all its live descendants, reaped ones included."""
+    return _stat_cpu_s(pid) + sum(tree_cpu_s(c) for c in children(pid))
+
+
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine has spent busy (all cores, /proc/stat)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+    except OSError:
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def has_mapped(pid: int, needle: str) -> bool:
     """True when the process maps a file whose path contains needle (e.g. libllama)."""
     try:

@@ -70,8 +70,8 @@ class Request:
             ) from None
         except RecursionError:
             raise InvalidRequest("the request body is nested too deeply") from None
-        except ValueError as exc:  # e.g. an integer literal with thousands of digits
-            raise InvalidRequest(f"the request body is not acceptable JSON: {exc}") from None
+        except ValueError:  # an integer literal with thousands of digits
+            raise InvalidRequest("the request body holds a number too large to read") from None
 
 
 def _reject_constant(name: str) -> Any:

@@ -19,6 +19,7 @@ from modeld.devtools import bad_gguf
 from tests.conftest import ModelStore, link
 from tests.helpers.client import Client
 from tests.helpers.daemon import Daemon
+from tests.helpers.raw import daemon_alive, exchange
 from tests.integration.conftest import (
     RawInfer,
     alive,
@@ -31,7 +32,6 @@ from tests.integration.conftest import (
     worker_for,
     worker_pids,
 )
-from tests.integration.test_hardening_http import daemon_alive, exchange
 
 SHORT = {"max_tokens": 8, "temperature": 0.0}  # a few greedy tokens
 LONG = {"max_tokens": 1500, "temperature": 0.0}  # about a second of tokens: still running
