@@ -35,26 +35,34 @@ SMOL_B = "smollm2-b.gguf"  # a second copy of SmolLM2: the A/B switching pair
 TINY = "tiny.gguf"
 MODELS = (SMOL, TINY)  # the two models every system streams
 MAX_TOKENS = 128  # per streamed request, as in the issue's reference table
+TTFT_REQUESTS = 30  # back-to-back tiny requests per system for the TTFT overhead figure
 SWITCH_TOKENS = 16  # switching requests are short, so a reload would show
 SWITCH_REQUESTS = 8  # requests per switching sequence (same-model and alternating)
 COLD_REPS = 3  # fresh starts per cold measurement
 HEALTH_PROBES = 500  # /healthz requests while the daemon is busy; enough for a p99
 WAITING = 200  # queued requests during the health probes (the issue's figure)
 REJECT_SECONDS = 3.0  # how long the 429 hammer runs
-PROMPT = "The following is a detailed history of {}, written for students.\n\n"
+# The topic comes first and consecutive topics start with different words: a server that
+# reuses the previous request's prompt prefix (llama_cpp.server does) gets no head start.
+PROMPT = "{}: a detailed history, written for students.\n\n"
 TOPICS = (  # one per repetition: the same prompt for every system, a new one each rep
-    "the city of Paris",
-    "the Roman Empire",
-    "the printing press",
-    "the steam engine",
-    "the river Nile",
-    "the violin",
-    "the bicycle",
-    "the telescope",
-    "the city of Kyoto",
-    "the Silk Road",
-)
-WARM_PROMPT = PROMPT.format("the lighthouse")  # warm-up only: its output is not measured
+    "Paris",
+    "Ancient Rome",
+    "The printing press",
+    "Steam engines",
+    "Violins",
+    "Bicycles",
+    "Kyoto",
+    "Clocks",
+    "Maps",
+    "Glassmaking",
+    "Windmills",
+    "Chess",
+    "Coffee",
+    "Oslo",
+    "Railways",
+)  # each makes SmolLM2 write all 128 tokens greedily (checked), so every system does 128
+WARM_PROMPT = PROMPT.format("Lighthouses")  # warm-up only: its output is not measured
 INPROC_LOW = "in-process low-level"
 INPROC_HIGH = "llama-cpp-python high-level"
 LLAMA_SERVER = "llama-server"
@@ -119,6 +127,8 @@ def _summary(samples: list[Sample]) -> dict[str, Any]:
         "decode_tok_s": round(statistics.median(s.decode_tok_s for s in samples), 1),
         "ttft_ms": round(statistics.median(s.ttft_ms for s in samples), 2),
         "total_s": round(statistics.median(s.total_s for s in samples), 3),
+        "best_decode_tok_s": round(max(s.decode_tok_s for s in samples), 1),
+        "best_ttft_ms": round(min(s.ttft_ms for s in samples), 2),
         "n_tokens": [s.n_tokens for s in samples],
         "all_decode_tok_s": [round(s.decode_tok_s, 1) for s in samples],
         "all_ttft_ms": [round(s.ttft_ms, 2) for s in samples],
@@ -171,6 +181,23 @@ def _stream_rounds(
     return samples
 
 
+def ttft_rounds(systems: dict[str, Stream], errors: dict[str, str]) -> dict[str, Any]:
+    """Back-to-back 2-token requests on the tiny model: TTFT is then almost all overhead."""
+    got: dict[str, list[float]] = {}
+    live = [n for n in systems if n not in errors]
+    for i in range(TTFT_REQUESTS):
+        for name in _rotate(live, i):
+            got.setdefault(name, []).append(systems[name](TINY, prompt_for(i), 2).ttft_ms)
+    return {
+        name: {
+            "p50_ms": round(statistics.median(v), 2),
+            "p90_ms": round(control.percentile(v, 0.9), 2),
+            "min_ms": round(min(v), 2),
+        }
+        for name, v in got.items()
+    }
+
+
 def switching(fn: Stream, a: str, b: str) -> dict[str, Any]:
     """Per-request latency (send to last token) for A,A,A… and for A,B,A,B…, medians."""
     fn(a, WARM_PROMPT, SWITCH_TOKENS)
@@ -212,6 +239,7 @@ def stream_and_switch(ctx: Context) -> dict[str, Any]:
             systems[LCP_SERVER] = partial(lcp_server_stream, lcp.endpoint)
         md.wait_ready([SMOL, SMOL_B, TINY])
         samples = _stream_rounds(systems, ctx.reps, errors)
+        ttft = ttft_rounds(systems, errors)
         switch = {"modeld": switching(systems["modeld"], SMOL, SMOL_B)}
         if lcp is not None and LCP_SERVER not in errors:
             switch[LCP_SERVER] = switching(systems[LCP_SERVER], SMOL, SMOL_B)
@@ -220,6 +248,7 @@ def stream_and_switch(ctx: Context) -> dict[str, Any]:
     return {
         "stream": stream,
         "greedy_vs_inproc": _greedy(samples),
+        "ttft_tiny_back_to_back": ttft,
         "switching": switch,
         "modeld_rss_3_models": rss,
         "errors": errors,
@@ -251,10 +280,11 @@ def cold(ctx: Context) -> dict[str, Any]:
         ("modeld (spare worker)", ()),
         ("modeld (no spare)", ("--no-spare-worker",)),
     ):
-        ttfts, idle = [], []
+        ttfts, idle, ready = [], [], []
         for i in range(COLD_REPS):
             with Modeld(ctx.tmp, ctx.models_dir, *args, tag=f"modeld-cold-{i}") as md:
                 md.start_healthy()
+                ready.append(md.ready_s)
                 if args:
                     time.sleep(1.0)  # the daemon settles; there is no spare to wait for
                 else:
@@ -262,6 +292,7 @@ def cold(ctx: Context) -> dict[str, Any]:
                 idle.append((rss_mb(md.pid), md.worker_rss_mb()))
                 ttfts.append(modeld_stream(md.endpoint, SMOL, prompt_for(i), 8).ttft_ms)
         out[label] = {
+            "start_s": round(statistics.median(ready), 3),
             "first_token_s": round(statistics.median(ttfts) / 1000.0, 3),
             "all_s": [round(t / 1000.0, 3) for t in ttfts],
         }
@@ -282,7 +313,7 @@ def cold(ctx: Context) -> dict[str, Any]:
         out[LCP_SERVER] = {
             "start_s": round(statistics.median(s for s, _ in lcp_runs), 3),
             "first_token_s": round(statistics.median(t for _, t in lcp_runs), 3),
-            "note": "the model loads during start; first_token_s is after the server is up",
+            "note": "loads its first model during start, so its cold cost is start_s",
         }
     return out
 
@@ -293,14 +324,16 @@ def router(ctx: Context) -> dict[str, Any]:
         raise RuntimeError("llama-server is not built")
     binary = ctx.llama_server
     out: dict[str, Any] = {}
-    ttfts = []
+    ttfts, ready = [], []
     for i in range(COLD_REPS):
         args = ("--models-dir", str(ctx.models_dir), "--models-max", "2")
         with LlamaServer(ctx.tmp, binary, f"router-cold-{i}", *args) as srv:
             srv.start_healthy()
+            ready.append(srv.ready_s)
             ids = _router_ids(srv)
             ttfts.append(llama_server_stream(srv.endpoint, ids[SMOL], prompt_for(i), 8).ttft_ms)
     out["cold"] = {
+        "start_s": round(statistics.median(ready), 3),
         "first_token_s": round(statistics.median(ttfts) / 1000.0, 3),
         "all_s": [round(t / 1000.0, 3) for t in ttfts],
     }

@@ -150,7 +150,7 @@ def run(opts: Options) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: run the bench and print the markdown table."""
     ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
-    ap.add_argument("--reps", type=int, default=5, help="measured requests per system and model")
+    ap.add_argument("--reps", type=int, default=9, help="measured requests per system and model")
     ap.add_argument("--budget-s", type=float, default=1200.0, help="whole-run time limit")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="bench cache dir")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="results dir")

@@ -10,6 +10,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+# Below this, the first-to-last-token window is batching noise, not a decode time.
+MIN_DECODE_WINDOW_MS = 10.0
+
 
 def _obj(value: Any) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
@@ -152,7 +155,6 @@ class Outcome:
     load_ms: float | None
     ttft_ms: float | None
     total_ms: float | None
-    decode_ms: float | None = None
 
     @classmethod
     def from_json(cls, value: Any) -> Outcome:
@@ -168,18 +170,18 @@ class Outcome:
             load_ms=_float(timings, "load_ms"),
             ttft_ms=_float(timings, "ttft_ms"),
             total_ms=_float(timings, "total_ms"),
-            decode_ms=_float(timings, "decode_ms"),
         )
 
     def tokens_per_second(self) -> float | None:
         """Decode speed: tokens after the first over the time after the first token.
 
-        The daemon's `decode_ms` is timed where the tokens are made; without it, the
-        time between first token and end as the daemon saw it is used.
+        Tokens reach the daemon in batches, so for a short answer that window can be a
+        few microseconds wide; then the whole generation time is used instead.
         """
         n, ttft, total = self.completion_tokens, self.ttft_ms, self.total_ms
-        if n is not None and n >= 2 and self.decode_ms:
-            return (n - 1) / (self.decode_ms / 1000)
-        if n is None or n < 2 or ttft is None or total is None or total <= ttft:
+        if n is None or n < 1 or ttft is None or total is None:
             return None
-        return (n - 1) / ((total - ttft) / 1000)
+        if n >= 2 and total - ttft >= MIN_DECODE_WINDOW_MS:
+            return (n - 1) / ((total - ttft) / 1000)
+        generation_ms = total - (self.queue_ms or 0.0) - (self.load_ms or 0.0)
+        return n / (generation_ms / 1000) if generation_ms > 0 else None

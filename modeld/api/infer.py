@@ -33,6 +33,10 @@ log = logging.getLogger("modeld.request")
 
 NDJSON = "application/x-ndjson"
 SSE = "text/event-stream"
+# The hot path: one of these per token, with the text JSON-encoded in C.
+NDJSON_TOKEN = '{"type":"token","text":%s}\n'
+SSE_TOKEN = 'event: token\ndata: {"type":"token","text":%s}\n\n'
+encode_string = json.encoder.encode_basestring  # what json.dumps(ensure_ascii=False) uses
 
 
 @dataclass(frozen=True)
@@ -93,7 +97,6 @@ class Outcome:
             "load_ms": self.load_ms,
             "ttft_ms": self.ttft_ms if self.ttft_ms is not None else total_ms,
             "total_ms": total_ms,
-            "decode_ms": self.decode_ms,
         }
 
     def log(self, status: int) -> None:
@@ -116,6 +119,7 @@ class Outcome:
                     "ttft_ms": self.ttft_ms,
                     "tokens": self.tokens,
                     "total_ms": total_ms,
+                    "decode_ms": self.decode_ms,
                     "outcome": self.how,
                 }
             },
@@ -225,7 +229,9 @@ class Framer:
         return (data + "\n").encode()
 
     def tokens(self, texts: tuple[str, ...]) -> bytes:
-        return b"".join(self.event({"type": "token", "text": t}) for t in texts)
+        """Token events, byte for byte what `event()` would make, at a fraction of the cost."""
+        template = SSE_TOKEN if self.sse else NDJSON_TOKEN
+        return "".join([template % encode_string(t) for t in texts]).encode()
 
 
 class InferSink:

@@ -11,6 +11,7 @@ have a deadline, so a client that stops reading cannot hold a generation forever
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ from modeld.http.protocol import (
 log = logging.getLogger("modeld.http")
 
 RECEIVE_SIZE = 65536  # bytes per socket read
+STALL_CHECK_S = 1.0  # how often a response's writes are checked for a client that stopped reading
 GONE = (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
 
 
@@ -58,19 +60,20 @@ class Responder:
         self.finished = False
         self.status = 0
         self.client_gone = False
+        self.writing_since: float | None = None  # when a write still under way began
 
     async def _write(self, data: bytes) -> None:
         if not data:
             return
+        # No timer per write (a stream makes thousands): `_guard_stalls` watches this.
+        self.writing_since = time.monotonic()
         try:
-            with anyio.fail_after(self._limits.send_timeout_s):
-                await self._stream.send(data)
-        except TimeoutError:
-            self.client_gone = True
-            raise ClientGone("the client stopped reading") from None
+            await self._stream.send(data)
         except GONE:
             self.client_gone = True
             raise ClientGone("the client went away") from None
+        finally:
+            self.writing_since = None
 
     async def start(self, status: int, headers: list[tuple[str, str]]) -> None:
         self.started = True
@@ -219,9 +222,23 @@ async def _run_handler(
                 conn.receive(data)  # a pipelined request, kept for the next cycle
 
         tg.start_soon(watch)
+        tg.start_soon(_guard_stalls, responder, conn.limits.send_timeout_s, tg.cancel_scope)
         try:
             await handler(request, responder, info)
         except ClientGone:
             pass
         finally:
             tg.cancel_scope.cancel()
+
+
+async def _guard_stalls(responder: Responder, timeout_s: float, scope: anyio.CancelScope) -> None:
+    """Drop a client whose single write has not gone through for `timeout_s`."""
+    interval = min(STALL_CHECK_S, timeout_s / 4)
+    while True:
+        await anyio.sleep(interval)
+        since = responder.writing_since
+        if since is not None and time.monotonic() - since >= timeout_s:
+            log.info("dropping a client that stopped reading for %.1f s", timeout_s)
+            responder.client_gone = True
+            scope.cancel()
+            return

@@ -77,3 +77,13 @@ def test_body_must_be_an_object() -> None:
 
 def test_stop_accepts_a_single_string() -> None:
     assert parse_infer({"prompt": "x", "stop": "\n"}).params.stop == ("\n",)
+
+
+@pytest.mark.parametrize("sse", [False, True])
+def test_fast_token_framing_matches_the_general_encoder(sse: bool) -> None:
+    from modeld.api.infer import Framer
+
+    framer = Framer(sse)
+    texts = ("a", ' "q"\n', "é\u2028", "\\", "\x00", "")
+    expected = b"".join(framer.event({"type": "token", "text": t}) for t in texts)
+    assert framer.tokens(texts) == expected
