@@ -87,7 +87,10 @@ def _socket(ctx: click.Context, param: click.Parameter, value: str | None) -> Pa
 )
 @click.option("--n-gpu-layers", type=int, default=-1, help="Layers offloaded to the GPU (-1: all).")
 @click.option(
-    "--threads", type=click.IntRange(min=0), default=0, help="Threads per worker (0: all cores)."
+    "--threads",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Threads per worker (0: one per physical core).",
 )
 @click.option(
     "--flash-attn",

@@ -78,6 +78,28 @@ def _float(obj: dict[str, Any], key: str) -> float:
     return float(value)
 
 
+def physical_cores() -> int:
+    """Cores this process may run on, counting hyperthread siblings once (as llama.cpp does).
+
+    Two threads on one core's siblings slow llama.cpp's matrix work down, not up.
+    """
+    allowed = os.sched_getaffinity(0)
+    cores: set[tuple[str, str]] = set()
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            blocks = f.read().split("\n\n")
+    except OSError:
+        return len(allowed)
+    for block in blocks:
+        fields = dict(
+            (k.strip(), v.strip()) for k, _, v in (ln.partition(":") for ln in block.splitlines())
+        )
+        cpu = fields.get("processor")
+        if cpu is not None and cpu.isdigit() and int(cpu) in allowed:
+            cores.add((fields.get("physical id", "0"), fields.get("core id", cpu)))
+    return len(cores) or len(allowed)
+
+
 def parse_load(obj: dict[str, Any]) -> LoadSpec:
     """Validate a `load` op (ValueError says what is wrong)."""
 
@@ -91,7 +113,7 @@ def parse_load(obj: dict[str, Any]) -> LoadSpec:
         path=path,
         n_ctx=_int(obj, "n_ctx", low=0),
         n_gpu_layers=_int(obj, "n_gpu_layers"),
-        threads=_int(obj, "threads", low=0) or len(os.sched_getaffinity(0)),
+        threads=_int(obj, "threads", low=0) or physical_cores(),
         flash_attn=flash,
         n_batch=_int(obj, "n_batch", low=1),
     )
