@@ -9,16 +9,23 @@ from __future__ import annotations
 
 import multiprocessing
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from bench.clients import modeld_stream
+from bench.phases import Context, percentile, preload_args
+from bench.systems import Modeld
 from bench.wire import Conn, Endpoint, WireError, encode_request, get_json
+from bench.workload import SMOL, SMOL_B, prompt_for
 
 QUEUE_SETTLE_S = 10.0  # longest wait for the waiting requests to show up in /status
+HEALTH_PROBES = 500  # /healthz requests while the daemon is busy; enough for a p99
+WAITING = 200  # queued requests during the health probes (the issue's figure)
+REJECT_SECONDS = 3.0  # how long the 429 hammer runs
 REJECT_CLIENTS = 2  # client processes hammering /infer: one per core of the reference machine
 
 
@@ -32,14 +39,6 @@ class HealthUnderLoad:
     max_ms: float
     waiting: int  # requests the daemon reported queued while probing
     streams_running: int
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The q-quantile (0..1) by nearest rank; 0.0 for no values."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
 def _queued(ep: Endpoint) -> tuple[int, int]:
@@ -158,3 +157,37 @@ def rejections_per_s(
         "statuses": {str(k): v for k, v in sorted(totals.items())},
         "rejections_per_s": round(totals.get(429, 0) / elapsed, 1),
     }
+
+
+def control_plane(ctx: Context) -> dict[str, Any]:
+    """/healthz p99 with two streams and 200 waiting; 429s per second at queue depth 0."""
+    out: dict[str, Any] = {}
+    args = (*preload_args(SMOL, SMOL_B), "--max-queue-depth", "128", "--shutdown-grace-s", "0")
+    with Modeld(ctx.tmp, ctx.models_dir, *args, tag="modeld-health") as md:
+        md.start_healthy()
+        md.wait_ready([SMOL, SMOL_B])
+        health = health_under_load(
+            md.endpoint, (SMOL, SMOL_B), prompt_for(0), WAITING, HEALTH_PROBES
+        )
+        out["healthz_under_load"] = asdict(health)
+    args = (*preload_args(SMOL), "--max-queue-depth", "0", "--shutdown-grace-s", "0")
+    with Modeld(ctx.tmp, ctx.models_dir, *args, tag="modeld-429") as md:
+        md.start_healthy()
+        md.wait_ready([SMOL])
+        ep = md.endpoint
+
+        def busy() -> None:
+            threading.Thread(
+                target=lambda: _quiet(modeld_stream, ep, SMOL, prompt_for(1), 1024), daemon=True
+            ).start()
+
+        out["overload_429"] = rejections_per_s(ep, SMOL, prompt_for(1), REJECT_SECONDS, busy)
+    return out
+
+
+def _quiet(fn: Callable[..., Any], *args: Any) -> None:
+    """Run fn, ignoring its failure (a background load generator)."""
+    try:
+        fn(*args)
+    except Exception as exc:
+        print(f"bench: background stream ended: {exc}", file=sys.stderr)

@@ -9,18 +9,15 @@ from __future__ import annotations
 import os
 import platform
 import statistics
-import sys
-import threading
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench import control
 from bench.clients import (
     Inproc,
     Sample,
@@ -29,51 +26,28 @@ from bench.clients import (
     modeld_stream,
 )
 from bench.systems import LcpServer, LlamaServer, Modeld, rss_mb
+from bench.workload import (
+    INPROC_HIGH,
+    INPROC_LOW,
+    LCP_SERVER,
+    LLAMA_SERVER,
+    MAX_TOKENS,
+    MODELS,
+    PROMPT,
+    SMOL,
+    SMOL_B,
+    TINY,
+    WARM_PROMPT,
+    prompt_for,
+)
 
-SMOL = "smollm2.gguf"  # file names in the run's models dir, which are also modeld's model ids
-SMOL_B = "smollm2-b.gguf"  # a second copy of SmolLM2: the A/B switching pair
-TINY = "tiny.gguf"
-MODELS = (SMOL, TINY)  # the two models every system streams
-MAX_TOKENS = 128  # per streamed request, as in the issue's reference table
 TTFT_REQUESTS = 30  # back-to-back tiny requests per system for the TTFT overhead figure
 SWITCH_TOKENS = 16  # switching requests are short, so a reload would show
 SWITCH_REQUESTS = 8  # requests per switching sequence (same-model and alternating)
 COLD_REPS = 3  # fresh starts per cold measurement
-HEALTH_PROBES = 500  # /healthz requests while the daemon is busy; enough for a p99
-WAITING = 200  # queued requests during the health probes (the issue's figure)
-REJECT_SECONDS = 3.0  # how long the 429 hammer runs
-# The topic comes first and consecutive topics start with different words: a server that
-# reuses the previous request's prompt prefix (llama_cpp.server does) gets no head start.
-PROMPT = "{}: a detailed history, written for students.\n\n"
-TOPICS = (  # one per repetition: the same prompt for every system, a new one each rep
-    "Paris",
-    "Ancient Rome",
-    "The printing press",
-    "Steam engines",
-    "Violins",
-    "Bicycles",
-    "Kyoto",
-    "Clocks",
-    "Maps",
-    "Glassmaking",
-    "Windmills",
-    "Chess",
-    "Coffee",
-    "Oslo",
-    "Railways",
-)  # each makes SmolLM2 write all 128 tokens greedily (checked), so every system does 128
-WARM_PROMPT = PROMPT.format("Lighthouses")  # warm-up only: its output is not measured
-INPROC_LOW = "in-process low-level"
-INPROC_HIGH = "llama-cpp-python high-level"
-LLAMA_SERVER = "llama-server"
-LCP_SERVER = "llama_cpp.server"
+
 
 Stream = Callable[[str, str, int], Sample]  # (model, prompt, max_tokens) -> Sample
-
-
-def prompt_for(rep: int) -> str:
-    """The prompt of repetition rep."""
-    return PROMPT.format(TOPICS[rep % len(TOPICS)])
 
 
 @dataclass(frozen=True)
@@ -121,11 +95,20 @@ def meta(reps: int, llama_server: Path | None, lcp_missing: str | None) -> dict[
     }
 
 
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile (0..1) by nearest rank; 0.0 for no values."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
 def _summary(samples: list[Sample]) -> dict[str, Any]:
     """Medians (and the raw values) of one system on one model."""
     return {
         "decode_tok_s": round(statistics.median(s.decode_tok_s for s in samples), 1),
         "ttft_ms": round(statistics.median(s.ttft_ms for s in samples), 2),
+        "e2e_tok_s": round(statistics.median(s.e2e_tok_s for s in samples), 1),
         "total_s": round(statistics.median(s.total_s for s in samples), 3),
         "best_decode_tok_s": round(max(s.decode_tok_s for s in samples), 1),
         "best_ttft_ms": round(min(s.ttft_ms for s in samples), 2),
@@ -191,7 +174,7 @@ def ttft_rounds(systems: dict[str, Stream], errors: dict[str, str]) -> dict[str,
     return {
         name: {
             "p50_ms": round(statistics.median(v), 2),
-            "p90_ms": round(control.percentile(v, 0.9), 2),
+            "p90_ms": round(percentile(v, 0.9), 2),
             "min_ms": round(min(v), 2),
         }
         for name, v in got.items()
@@ -217,7 +200,7 @@ def stream_and_switch(ctx: Context) -> dict[str, Any]:
     p = ctx.paths
     errors: dict[str, str] = {}
     with ExitStack() as stack:
-        md = Modeld(ctx.tmp, ctx.models_dir, *_preload(SMOL, SMOL_B, TINY), tag="modeld-stream")
+        md = Modeld(ctx.tmp, ctx.models_dir, *preload_args(SMOL, SMOL_B, TINY), tag="modeld-stream")
         stack.callback(md.stop)
         md.start_healthy()
         systems: dict[str, Stream] = {"modeld": partial(modeld_stream, md.endpoint)}
@@ -255,7 +238,7 @@ def stream_and_switch(ctx: Context) -> dict[str, Any]:
     }
 
 
-def _preload(*models: str) -> list[str]:
+def preload_args(*models: str) -> list[str]:
     return [arg for m in models for arg in ("--preload", m)]
 
 
@@ -364,39 +347,3 @@ def _router_ids(srv: LlamaServer) -> dict[str, str]:
             raise RuntimeError(f"router lists {ids}, none is {name}")
         found[name] = match[0]
     return found
-
-
-def control_plane(ctx: Context) -> dict[str, Any]:
-    """/healthz p99 with two streams and 200 waiting; 429s per second at queue depth 0."""
-    out: dict[str, Any] = {}
-    args = (*_preload(SMOL, SMOL_B), "--max-queue-depth", "128", "--shutdown-grace-s", "0")
-    with Modeld(ctx.tmp, ctx.models_dir, *args, tag="modeld-health") as md:
-        md.start_healthy()
-        md.wait_ready([SMOL, SMOL_B])
-        health = control.health_under_load(
-            md.endpoint, (SMOL, SMOL_B), prompt_for(0), WAITING, HEALTH_PROBES
-        )
-        out["healthz_under_load"] = asdict(health)
-    args = (*_preload(SMOL), "--max-queue-depth", "0", "--shutdown-grace-s", "0")
-    with Modeld(ctx.tmp, ctx.models_dir, *args, tag="modeld-429") as md:
-        md.start_healthy()
-        md.wait_ready([SMOL])
-        ep = md.endpoint
-
-        def busy() -> None:
-            threading.Thread(
-                target=lambda: _quiet(modeld_stream, ep, SMOL, prompt_for(1), 1024), daemon=True
-            ).start()
-
-        out["overload_429"] = control.rejections_per_s(
-            ep, SMOL, prompt_for(1), REJECT_SECONDS, busy
-        )
-    return out
-
-
-def _quiet(fn: Callable[..., Any], *args: Any) -> None:
-    """Run fn, ignoring its failure (a background load generator)."""
-    try:
-        fn(*args)
-    except Exception as exc:
-        print(f"bench: background stream ended: {exc}", file=sys.stderr)

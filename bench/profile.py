@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.clients import Sample, modeld_stream
-from bench.phases import TINY, Context, prompt_for
+from bench.phases import Context
 from bench.systems import Modeld, children
 from bench.wire import Endpoint
+from bench.workload import TINY, prompt_for
 
 SAMPLE_RATE_HZ = 200  # py-spy's default is 100; twice that resolves the per-token work better
 PROFILE_TOKENS = 1024  # per request: long streams, so request set-up is a small share
@@ -146,7 +147,10 @@ def _window(md: Modeld, load: _Load, action: Callable[[], None]) -> dict[str, An
 
 
 def run(ctx: Context, seconds: float, out: Path) -> dict[str, Any]:
-    """Stream the tiny model through a fresh daemon; measure its CPU, then py-spy it."""
+    """Stream the tiny model through a fresh daemon; measure its CPU, then py-spy it.
+
+    The raw stacks (large, machine-specific) go to out, which should be a cache dir.
+    """
     spy = _py_spy()
     if spy is None:
         raise RuntimeError("py-spy is not installed (pip install py-spy)")
@@ -179,7 +183,7 @@ def run(ctx: Context, seconds: float, out: Path) -> dict[str, Any]:
     if proc[0].returncode != 0 or not raw_path.is_file():
         raise RuntimeError(f"py-spy failed: {(proc[0].stderr or proc[0].stdout).strip()[-400:]}")
     result.update(summarize(raw_path.read_text()))
-    result["raw_stacks"] = raw_path.name
+    result["raw_stacks"] = f"{out.name}/{raw_path.name} in the bench cache"
     result["note"] = (
         "py-spy --gil: only samples where a daemon thread held the GIL (Python work); "
         "kernel time (socket and pipe syscalls) shows in daemon_sys_us_per_token instead"

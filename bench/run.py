@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import phases, report
+from bench import control, phases, report
 from bench.deps import DEFAULT_CACHE, server_binary
-from bench.phases import SMOL, SMOL_B, TINY
 from bench.systems import LcpServer, lcp_server_available, machine_busy_s, tree_cpu_s
+from bench.workload import SMOL, SMOL_B, TINY
 
 RESULTS_DIR = Path(__file__).parent / "results"  # latest.json / latest.md / latest.png
 HARD_STOP_GRACE_S = 60.0  # past the budget by this much, SIGALRM aborts (servers still stop)
@@ -130,7 +130,7 @@ def run(opts: Options) -> dict[str, Any]:
     _phase(results, budget, "stream", 120, lambda: phases.stream_and_switch(ctx))
     _phase(results, budget, "cold", 60, lambda: phases.cold(ctx))
     _phase(results, budget, "router", 40, lambda: phases.router(ctx))
-    _phase(results, budget, "control", 40, lambda: phases.control_plane(ctx))
+    _phase(results, budget, "control", 40, lambda: control.control_plane(ctx))
     if opts.profile_s > 0:
         from bench import profile
 
@@ -139,11 +139,11 @@ def run(opts: Options) -> dict[str, Any]:
             budget,
             "profile",
             opts.profile_s + 30,
-            lambda: profile.run(ctx, opts.profile_s, opts.out),
+            lambda: profile.run(ctx, opts.profile_s, work),
         )
     results["meta"]["wall_s"] = round(opts.budget_s - budget.left(), 1)
     results["targets"] = report.targets(results)
-    report.write(results, opts.out)
+    report.write(results, opts.out, report.DOCS if opts.out == RESULTS_DIR else None)
     return results
 
 

@@ -61,6 +61,7 @@ class Responder:
         self.status = 0
         self.client_gone = False
         self.writing_since: float | None = None  # when a write still under way began
+        self._head = b""  # a response head not written yet
 
     async def _write(self, data: bytes) -> None:
         if not data:
@@ -76,16 +77,19 @@ class Responder:
             self.writing_since = None
 
     async def start(self, status: int, headers: list[tuple[str, str]]) -> None:
+        """Decide the status; the head goes out with the first body bytes, in one write."""
         self.started = True
         self.status = status
-        await self._write(self._conn.start_response(status, headers))
+        self._head = self._conn.start_response(status, headers)
 
     async def send(self, data: bytes) -> None:
-        await self._write(self._conn.data(data))
+        head, self._head = self._head, b""
+        await self._write(head + self._conn.data(data))
 
     async def end(self) -> None:
         self.finished = True
-        await self._write(self._conn.end())
+        head, self._head = self._head, b""
+        await self._write(head + self._conn.end())
 
     async def respond(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
         self.started = self.finished = True
