@@ -309,16 +309,13 @@ class Daemon:
     ) -> None:
         """Accept on every listener; connections live in their own task group."""
         async with anyio.create_task_group() as conns:
-            self.accept_scope = anyio.CancelScope()
             task_status.started(conns.cancel_scope)
-            with self.accept_scope:
-                async with anyio.create_task_group() as accepters:
-                    for item in listeners:
-                        log.info("listening on %s", item.label)
-                        accepters.start_soon(self._accept_loop, item, app, conns)
-            for item in listeners:
-                await item.listener.aclose()
-                _remove_socket_file(item)
+            # The accept loops end when `_stop_accepting` closes their listeners: closing,
+            # unlike cancelling a pending accept(), never races a connection arriving.
+            async with anyio.create_task_group() as accepters:
+                for item in listeners:
+                    log.info("listening on %s", item.label)
+                    accepters.start_soon(self._accept_loop, item, app, conns)
 
     async def _accept_loop(self, item: OpenListener, app: App, conns: anyio.abc.TaskGroup) -> None:
         while True:
@@ -355,12 +352,17 @@ class Daemon:
         self, manager: Manager, listeners: list[OpenListener], conns: anyio.CancelScope
     ) -> None:
         systemd.notify_stopping()
-        self.accept_scope.cancel()
+        self.slots.draining = True
+        for item in listeners:
+            await item.listener.aclose()
+            _remove_socket_file(item)
         with anyio.move_on_after(self.cfg.shutdown_grace_s):
             while manager.inflight or any(i.queue for i in manager.instances.values()):
                 await anyio.sleep(DRAIN_POLL_S)
         await manager.shutdown()
+        # Requests already on the wire (accepted, or in a connection's buffer) are still
+        # answered; idle keep-alive connections are simply closed.
         with anyio.move_on_after(FLUSH_AFTER_SHUTDOWN_S):
-            while self.slots.open and manager.inflight:
+            while self.slots.busy:
                 await anyio.sleep(DRAIN_POLL_S)
         conns.cancel()

@@ -106,11 +106,18 @@ Handler = Callable[[Request, Responder, ConnInfo], Awaitable[None]]
 
 
 class ConnectionSlots:
-    """Counts open connections against `Limits.max_connections`."""
+    """Open connections: counted against `Limits.max_connections`, drained at shutdown."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.open = 0
+        self.idle = 0  # keep-alive connections waiting, with nothing received, between requests
+        self.draining = False  # shutting down: finish the request under way, then close
+
+    @property
+    def busy(self) -> int:
+        """Connections with a request arriving or being answered."""
+        return self.open - self.idle
 
 
 async def serve_connection(
@@ -134,7 +141,7 @@ async def serve_connection(
             return
         first = True
         while True:
-            outcome = await _read_request(stream, conn, limits, first)
+            outcome = await _read_request(stream, conn, limits, first, slots)
             first = False
             if outcome is None or outcome is CLOSED:
                 return
@@ -145,6 +152,8 @@ async def serve_connection(
             responder = Responder(stream, conn, limits)
             await _run_handler(stream, conn, handler, outcome, responder, info)
             if responder.client_gone or not responder.finished or not conn.next_cycle():
+                return
+            if slots.draining:
                 return
     except GONE:
         return
@@ -163,7 +172,11 @@ async def _send_quietly(stream: anyio.abc.ByteStream, data: bytes) -> None:
 
 
 async def _read_request(
-    stream: anyio.abc.ByteStream, conn: ServerConnection, limits: Limits, first: bool
+    stream: anyio.abc.ByteStream,
+    conn: ServerConnection,
+    limits: Limits,
+    first: bool,
+    slots: ConnectionSlots,
 ) -> Request | Failure | object | None:
     """Read until a whole request is there; None when the connection should just close."""
     outcome = conn.next()  # a pipelined request may already be buffered
@@ -172,8 +185,12 @@ async def _read_request(
     # Between requests a keep-alive connection may idle; after that the head has its deadline.
     if not first:
         data: bytes | None = None
-        with anyio.move_on_after(limits.keepalive_timeout_s):
-            data = await _receive(stream)
+        slots.idle += 1
+        try:
+            with anyio.move_on_after(limits.keepalive_timeout_s):
+                data = await _receive(stream)
+        finally:
+            slots.idle -= 1
         if data is None:
             return None
         conn.receive(data)
