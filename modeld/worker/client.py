@@ -26,7 +26,6 @@ from typing import Any
 
 import anyio
 import anyio.abc
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from modeld.errors import (
     GenerationFailed,
@@ -46,6 +45,7 @@ from modeld.manager.backend import (
     Started,
     Tokens,
 )
+from modeld.worker.channel import Channel
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class WorkerProcess:
         self._control_send, self._control_recv = anyio.create_memory_object_stream[dict[str, Any]](
             16
         )
-        self._active: dict[int, MemoryObjectSendStream[GenEvent]] = {}
+        self._active: dict[int, Channel[GenEvent]] = {}
         self._send_lock = anyio.Lock()
         self._closing_error: ModeldError | None = None
 
@@ -184,18 +184,18 @@ class WorkerProcess:
         await self.kill()
         raise ModelLoadFailed(reason)
 
-    def open_stream(self, rid: int) -> MemoryObjectReceiveStream[GenEvent]:
-        send, recv = anyio.create_memory_object_stream[GenEvent](GEN_BUFFER)
+    def open_stream(self, rid: int) -> Channel[GenEvent]:
+        channel: Channel[GenEvent] = Channel(GEN_BUFFER)
         if not self.alive:
-            send.close()
+            channel.close()
         else:
-            self._active[rid] = send
-        return recv
+            self._active[rid] = channel
+        return channel
 
     def close_stream(self, rid: int) -> None:
-        stream = self._active.pop(rid, None)
-        if stream is not None:
-            stream.close()
+        channel = self._active.pop(rid, None)
+        if channel is not None:
+            channel.close()
 
     async def kill(self) -> None:
         """SIGKILL the worker and wait until it is reaped."""
@@ -307,9 +307,7 @@ class WorkerProcess:
             and event.finish_reason == "cancelled"
         ):
             event = Failed(closing)  # stopped by an unload, not by its client: say why
-        try:
-            await stream.send(event)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+        if not await stream.put(event):
             self._active.pop(rid, None)
             return
         if isinstance(event, Finished | Failed):
@@ -321,10 +319,7 @@ class WorkerProcess:
         deliberate = self._closing_error is not None
         error = self._closing_error or WorkerCrashed(self.exit_reason)
         for rid, stream in list(self._active.items()):
-            try:
-                stream.send_nowait(Failed(error))
-            except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
-                pass
+            stream.put_nowait(Failed(error), force=True)  # the last word, even when full
             self.close_stream(rid)
         self._control_send.close()
         self.exited.set()
@@ -338,14 +333,14 @@ class WorkerProcess:
 class WorkerGeneration:
     """Events of one generation on a worker."""
 
-    def __init__(self, recv: MemoryObjectReceiveStream[GenEvent]) -> None:
-        self._recv = recv
+    def __init__(self, channel: Channel[GenEvent]) -> None:
+        self._channel = channel
         self.ended = False
 
     async def next(self) -> GenEvent:
         try:
-            event = await self._recv.receive()
-        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            event = await self._channel.get()
+        except anyio.EndOfStream:
             event = Failed(WorkerCrashed("worker ended the stream without finishing"))
         if isinstance(event, Finished | Failed):
             self.ended = True
@@ -387,7 +382,6 @@ class WorkerModel:
             if not gen.ended:
                 await self._cancel(rid, gen)
             self.worker.close_stream(rid)
-            recv.close()
 
     async def _cancel(self, rid: int, gen: WorkerGeneration) -> None:
         """Stop a generation nobody reads any more; the worker must confirm it."""
