@@ -54,7 +54,8 @@ def test_socket_activation_serves_both_inherited_sockets(models_dir: Path) -> No
     tmp = Path(tempfile.mkdtemp(prefix="modeld-sa-", dir="/tmp"))
     sock_path = str(tmp / "a.sock")
     port = free_port()
-    cmd = [
+    assert SOCKET_ACTIVATE is not None
+    cmd: list[str] = [
         SOCKET_ACTIVATE,
         "-l",
         sock_path,
