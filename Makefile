@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 MODELS_DIR ?= $(HOME)/models/llm
 DEMO_CACHE := .cache/demo
+DEMO_FILE := SmolLM2-135M-Instruct.Q4_1.gguf
 MODELD_ARGS ?=
 
 .PHONY: all venv build run test test-fast lint tidy bench bench-deps soak completions install-user-units clean demo-model
@@ -33,7 +34,10 @@ run: demo-model
 		echo "models dir $(MODELS_DIR) holds no model: copying the demo model in"; \
 		$(BIN)/python -m modeld.devtools.demo_model --cache $(DEMO_CACHE) --install-to "$(MODELS_DIR)"; \
 	fi
-	$(BIN)/modeld --models-dir "$(MODELS_DIR)" $(MODELD_ARGS)
+	@# With the demo model there and no default chosen, make it the default model.
+	$(BIN)/modeld --models-dir "$(MODELS_DIR)" \
+		$$(if [ -f "$(MODELS_DIR)/$(DEMO_FILE)" ] && [ -z "$$MODELD_DEFAULT_MODEL" ]; then echo --default-model $(DEMO_FILE); fi) \
+		$(MODELD_ARGS)
 
 test: demo-model
 	$(BIN)/python -m pytest -q
