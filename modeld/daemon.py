@@ -233,7 +233,8 @@ class Daemon:
                     conn_tg_scope = await tg.start(self._serve, listeners, app)
                     tg.start_soon(self._signals)
                     tg.start_soon(self._systemd_status)
-                    await self._preload_and_notify(manager)
+                    # Preloads run beside the wait, so a SIGTERM during a slow one is obeyed.
+                    tg.start_soon(self._preload_and_notify, manager)
                     await self.stopping.wait()
                     await self._shutdown(manager, listeners, conn_tg_scope)
                     tg.cancel_scope.cancel()
@@ -310,7 +311,7 @@ class Daemon:
         """Accept on every listener; connections live in their own task group."""
         async with anyio.create_task_group() as conns:
             task_status.started(conns.cancel_scope)
-            # The accept loops end when `_stop_accepting` closes their listeners: closing,
+            # The accept loops end when `_shutdown` closes their listeners: closing,
             # unlike cancelling a pending accept(), never races a connection arriving.
             async with anyio.create_task_group() as accepters:
                 for item in listeners:

@@ -1,6 +1,6 @@
 """One error hierarchy: every failure a client can see carries its code and HTTP status.
 
-Errors are raised where the problem is known; `modeld.http.app` turns them into
+Errors are raised where the problem is known; `modeld.api.app` turns them into
 `{"error": {"code", "message"}}` in exactly one place. `modelctl` maps the same codes
 to its exit codes.
 """

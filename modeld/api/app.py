@@ -139,7 +139,7 @@ class App:
     async def readyz(self, request: Request, res: Responder) -> None:
         manager, default = self.state.manager, self.state.default_model
         if default is not None:
-            spec = self.state.registry.get(default)
+            spec = self.state.registry.lookup(default)
             ready = spec is not None and manager.is_ready(spec.id)
         else:
             ready = manager.is_ready()

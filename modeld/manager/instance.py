@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections import deque
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any
 
 import anyio
 
 from modeld.errors import ModeldError
-from modeld.manager.backend import GenParams, LoadedModel
+from modeld.manager.backend import Generation, GenParams, LoadedModel
 from modeld.manager.states import State, transition
 from modeld.registry import ModelSpec
 
@@ -60,13 +60,11 @@ class Lease:
     """The right to run one generation on a ready instance."""
 
     instance: Instance
+    model: LoadedModel  # taken when the turn was granted: an unload later cannot pull it away
     queue_ms: float
     load_ms: float
+    generated: bool = False  # a generation ran: its time feeds the retry estimates
 
-    @property
-    def model(self) -> LoadedModel:
-        assert self.instance.handle is not None
-        return self.instance.handle
-
-    def generate(self, params: GenParams) -> Any:
+    def generate(self, params: GenParams) -> AbstractAsyncContextManager[Generation]:
+        self.generated = True
         return self.model.generate(params)

@@ -121,12 +121,16 @@ class Manager:
             self._leave_queue(inst, waiter)
             raise
         waited_ms = (anyio.current_time() - waiter.enqueued_at) * 1000
-        lease = Lease(inst, queue_ms=max(0.0, waited_ms - waiter.load_ms), load_ms=waiter.load_ms)
+        assert inst.handle is not None  # granted means ready
+        lease = Lease(
+            inst, inst.handle, queue_ms=max(0.0, waited_ms - waiter.load_ms), load_ms=waiter.load_ms
+        )
         started = anyio.current_time()
         try:
             yield lease
         finally:
-            self._release(inst, (anyio.current_time() - started) * 1000)
+            elapsed_ms = (anyio.current_time() - started) * 1000
+            self._release(inst, elapsed_ms if lease.generated else None)
 
     async def _wait_turn(self, inst: Instance, waiter: Waiter) -> None:
         """Wait until granted, failed, or `max_wait_ms` spent waiting.
@@ -294,8 +298,9 @@ class Manager:
         inst.error = None
         inst.last_used = anyio.current_time()
         inst.move(State.READY)
-        for waiter in inst.queue:
-            waiter.load_ms += load_ms
+        now = anyio.current_time()
+        for waiter in inst.queue:  # a request that came mid-load waited only part of it
+            waiter.load_ms += min(load_ms, (now - waiter.enqueued_at) * 1000)
         log.info(
             "loaded %s in %.0f ms: %d MB (estimate %d MB), %d MB in use of %d MB usable",
             inst.model_id,
@@ -398,6 +403,9 @@ class Manager:
             waiter = inst.queue.popleft()
             waiter.error = error
             waiter.event.set()
+        if inst.load_done is not None:  # waiters parked on a load in progress must see it
+            inst.load_done.set()
+            inst.load_done = anyio.Event()  # later waiters wait for the load itself
 
     # ---- views -----------------------------------------------------------------------
 

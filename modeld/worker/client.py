@@ -77,7 +77,7 @@ class WorkerSettings:
 
     n_ctx: int = 2048
     n_gpu_layers: int = -1
-    threads: int = 0  # 0: the worker picks (all cores)
+    threads: int = 0  # 0: the worker picks (one per physical core)
     flash_attn: str = "auto"
     n_batch: int = 512
     load_timeout_s: float = 120.0
@@ -133,10 +133,14 @@ class WorkerProcess:
         worker = cls(proc)
         tg.start_soon(worker._read_stdout)
         tg.start_soon(worker._read_stderr)
-        with anyio.move_on_after(SPAWN_TIMEOUT_S):
-            msg = await worker.control()
-            if msg is not None and msg.get("ev") == "hello":
-                return worker
+        try:
+            with anyio.move_on_after(SPAWN_TIMEOUT_S):
+                msg = await worker.control()
+                if msg is not None and msg.get("ev") == "hello":
+                    return worker
+        except BaseException:  # cancelled while it starts: never leave it running
+            await worker.kill()
+            raise
         await worker.kill()
         raise ModelLoadFailed(f"worker did not start: {worker.exit_reason or 'timeout'}")
 
@@ -205,11 +209,18 @@ class WorkerProcess:
             except ProcessLookupError:
                 pass
         with anyio.CancelScope(shield=True):
+            if self.proc.stdin is not None:
+                await self.proc.stdin.aclose()
             await self.exited.wait()
 
     async def close(self, error: ModeldError) -> None:
         """Stop the worker: ask nicely, then kill; streams still open end with `error`."""
         self._closing_error = error
+        # End open streams now: a reader blocked on a client that stopped reading must not
+        # hold the worker's exit (and the daemon's shutdown) until that client times out.
+        for rid, channel in list(self._active.items()):
+            channel.put_nowait(Failed(error), force=True)
+            self.close_stream(rid)
         with anyio.CancelScope(shield=True):
             if self.alive:
                 try:
@@ -358,8 +369,16 @@ class WorkerModel:
     @asynccontextmanager
     async def generate(self, params: GenParams) -> AsyncIterator[WorkerGeneration]:
         rid = next(self._ids)
-        recv = self.worker.open_stream(rid)
-        gen = WorkerGeneration(recv)
+        gen = WorkerGeneration(self.worker.open_stream(rid))
+        try:
+            await self._send_generate(rid, params)
+            yield gen
+        finally:
+            if not gen.ended:
+                await self._cancel(rid, gen)
+            self.worker.close_stream(rid)
+
+    async def _send_generate(self, rid: int, params: GenParams) -> None:
         try:
             await self.worker.send(
                 {
@@ -376,12 +395,6 @@ class WorkerModel:
             )
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             pass  # the reader will end the stream with the worker's exit reason
-        try:
-            yield gen
-        finally:
-            if not gen.ended:
-                await self._cancel(rid, gen)
-            self.worker.close_stream(rid)
 
     async def _cancel(self, rid: int, gen: WorkerGeneration) -> None:
         """Stop a generation nobody reads any more; the worker must confirm it."""

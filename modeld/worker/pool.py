@@ -27,6 +27,7 @@ class ProcessBackend:
         self.settings = settings
         self._want_spare = spare
         self._spare: WorkerProcess | None = None
+        self._workers: set[WorkerProcess] = set()  # every worker started, until it exits
         self._spare_lock = anyio.Lock()
         self._tg: anyio.abc.TaskGroup | None = None
 
@@ -48,10 +49,25 @@ class ProcessBackend:
         return await self._tg.__aexit__(exc_type, exc, tb)
 
     async def aclose(self) -> None:
+        """Stop the spare and any worker still alive, so the backend can always exit."""
         self._want_spare = False
         spare, self._spare = self._spare, None
         if spare is not None:
             await spare.close(ModelLoadFailed("shutting down"))
+        for worker in list(self._workers):
+            if worker.alive:
+                await worker.close(ModelLoadFailed("shutting down"))
+
+    async def _spawn(self) -> WorkerProcess:
+        assert self._tg is not None
+        worker = await WorkerProcess.spawn(self._tg)
+        self._workers.add(worker)
+        self._tg.start_soon(self._forget_when_gone, worker)
+        return worker
+
+    async def _forget_when_gone(self, worker: WorkerProcess) -> None:
+        await worker.exited.wait()
+        self._workers.discard(worker)
 
     async def _refill_spare(self) -> None:
         async with self._spare_lock:
@@ -59,7 +75,7 @@ class ProcessBackend:
                 return
             assert self._tg is not None
             try:
-                spare = await WorkerProcess.spawn(self._tg)
+                spare = await self._spawn()
             except ModeldError as exc:
                 log.warning("could not start a spare worker: %s", exc.message)
                 return
@@ -75,7 +91,7 @@ class ProcessBackend:
             self._tg.start_soon(self._refill_spare)
         if spare is not None and spare.alive:
             return spare
-        return await WorkerProcess.spawn(self._tg)
+        return await self._spawn()
 
     async def load(self, spec_path: str, model_id: str, on_exit: ExitCallback) -> WorkerModel:
         worker = await self._take_worker()
