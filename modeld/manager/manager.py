@@ -248,7 +248,12 @@ class Manager:
                 inst,
                 InsufficientVram(
                     f"model {inst.model_id!r} needs about {decision.need_mb} MB but the budget "
-                    f"allows {decision.usable_mb} MB",
+                    f"allows {decision.usable_mb} MB"
+                    + (
+                        " beside the pinned models"
+                        if decision.usable_mb < self._budget().usable_mb
+                        else ""
+                    ),
                     param="model",
                 ),
             )

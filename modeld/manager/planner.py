@@ -79,6 +79,9 @@ def plan(
     if need_mb > budget.usable_mb:
         return TooLarge(need_mb, budget.usable_mb, budget.budget_mb, budget.margin_mb)
     others = [i for i in instances if i.model_id != model_id]
+    pinned = sum(i.vram_mb for i in others if i.pinned and i.state in RESIDENT)
+    if need_mb > budget.usable_mb - pinned:  # pinned instances never leave: it never fits
+        return TooLarge(need_mb, budget.usable_mb - pinned, budget.budget_mb, budget.margin_mb)
     free = budget.usable_mb - used_mb(others)
     if need_mb <= free:
         return Load()

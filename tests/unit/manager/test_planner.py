@@ -50,8 +50,14 @@ def test_busy_instances_are_never_evicted() -> None:
 
 
 def test_loading_and_pinned_instances_are_never_evicted() -> None:
-    views = [inst("a", 450, state=State.LOADING), inst("b", 450, pinned=True)]
+    views = [inst("a", 450, state=State.LOADING), inst("b", 400, pinned=True)]
     assert isinstance(plan(views, BUDGET, "c", 100), Wait)
+
+
+def test_a_model_that_cannot_fit_beside_the_pinned_ones_is_refused_at_once() -> None:
+    views = [inst("a", 600, pinned=True), inst("b", 100, used=1.0)]
+    assert plan(views, BUDGET, "c", 301) == TooLarge(301, 300, 1000, 100)
+    assert plan(views, BUDGET, "c", 300) == Load(("b",))
 
 
 def test_too_large_is_rejected_with_the_numbers() -> None:
