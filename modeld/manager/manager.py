@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import anyio
@@ -72,6 +72,7 @@ class Manager:
         self._gen_ms: float | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._closing = False
+        self._held: set[str] = set()  # see _hold_for_cold
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -220,7 +221,10 @@ class Manager:
             key=lambda i: i.queue[0].enqueued_at,
         )
         cap = self.config.max_inflight
+        self._held = self._hold_for_cold(order)
         for inst in order:
+            if inst.model_id in self._held:
+                continue
             if inst.state is State.READY and inst.inflight == 0:
                 if cap and self.inflight >= cap:
                     continue
@@ -231,6 +235,32 @@ class Manager:
         for inst in order:
             if inst.queue and inst.state in (State.UNLOADED, State.ERROR):
                 self._plan_load(inst)
+
+    def _hold_for_cold(self, order: list[Instance]) -> set[str]:
+        """Resident instances an older cold request needs evicted: they take no new turns.
+
+        Without this, a model whose queue never empties would never go idle, and a
+        request for a model that needs its memory would wait until it times out.
+        """
+        held: set[str] = set()
+        for cold in order:
+            if cold.state not in (State.UNLOADED, State.ERROR) or cold.spec.invalid:
+                continue
+            head = cold.queue[0].enqueued_at
+            views = [
+                replace(v, busy=False)
+                if v.state is State.READY and self._queued_after(v.model_id, head)
+                else v
+                for v in self._views()
+            ]
+            decision = plan(views, self._budget(), cold.model_id, cold.effective_mb)
+            if isinstance(decision, Load):
+                held.update(decision.evict)
+        return held
+
+    def _queued_after(self, model_id: str, when: float) -> bool:
+        queue = self.instances[model_id].queue
+        return not queue or queue[0].enqueued_at > when
 
     def _plan_load(self, inst: Instance) -> None:
         if inst.spec.invalid is not None:
@@ -432,7 +462,7 @@ class Manager:
                 state=i.state,
                 vram_mb=i.effective_mb,
                 last_used=i.last_used,
-                busy=i.inflight > 0 or bool(i.queue),
+                busy=i.inflight > 0 or (bool(i.queue) and i.model_id not in self._held),
                 pinned=i.pinned,
             )
             for i in self.instances.values()

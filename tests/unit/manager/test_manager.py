@@ -285,3 +285,21 @@ async def test_depth_zero_still_serves_an_idle_instance_but_queues_nothing() -> 
         with pytest.raises(QueueFull):
             await generate(m, "a")
         hold.set()
+
+
+async def test_a_cold_model_is_not_starved_by_a_busy_queue_behind_it() -> None:
+    backend = FakeBackend({"a": 800, "b": 400})
+    backend.token_delay_s = 0.1
+    order: list[str] = []
+    async with (
+        running(backend, budget_mb=1000, margin_mb=100) as m,
+        anyio.create_task_group() as tg,
+    ):
+        tg.start_soon(generate, m, "a", 10, None, order, "a1")
+        await anyio.sleep(1)  # a1 is generating
+        tg.start_soon(generate, m, "b", 2, None, order, "b1")
+        await settle()
+        tg.start_soon(generate, m, "a", 2, None, order, "a2")  # queued after b1
+        await settle()
+    assert order == ["a1", "b1", "a2"]
+    assert backend.closed[:2] == ["a", "b"]  # a made room for b, then b for a again
