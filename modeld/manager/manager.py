@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -34,7 +34,16 @@ from modeld.errors import (
 )
 from modeld.manager.backend import Backend, Generation
 from modeld.manager.instance import Instance, Lease, Waiter
-from modeld.manager.planner import Budget, InstanceView, Load, TooLarge, Wait, plan, used_mb
+from modeld.manager.planner import (
+    Budget,
+    InstanceView,
+    Load,
+    TooLarge,
+    Wait,
+    plan,
+    to_drain,
+    used_mb,
+)
 from modeld.manager.states import State
 from modeld.manager.status import status_document
 from modeld.registry import ModelSpec
@@ -237,30 +246,14 @@ class Manager:
                 self._plan_load(inst)
 
     def _hold_for_cold(self, order: list[Instance]) -> set[str]:
-        """Resident instances an older cold request needs evicted: they take no new turns.
-
-        Without this, a model whose queue never empties would never go idle, and a
-        request for a model that needs its memory would wait until it times out.
-        """
+        """Instances an older cold request needs evicted (see planner.to_drain)."""
         held: set[str] = set()
         for cold in order:
-            if cold.state not in (State.UNLOADED, State.ERROR) or cold.spec.invalid:
-                continue
-            head = cold.queue[0].enqueued_at
-            views = [
-                replace(v, busy=False)
-                if v.state is State.READY and self._queued_after(v.model_id, head)
-                else v
-                for v in self._views()
-            ]
-            decision = plan(views, self._budget(), cold.model_id, cold.effective_mb)
-            if isinstance(decision, Load):
-                held.update(decision.evict)
+            if cold.state in (State.UNLOADED, State.ERROR) and not cold.spec.invalid:
+                since = cold.queue[0].enqueued_at
+                views, budget = self._views(), self._budget()
+                held.update(to_drain(views, budget, cold.model_id, cold.effective_mb, since))
         return held
-
-    def _queued_after(self, model_id: str, when: float) -> bool:
-        queue = self.instances[model_id].queue
-        return not queue or queue[0].enqueued_at > when
 
     def _plan_load(self, inst: Instance) -> None:
         if inst.spec.invalid is not None:
@@ -464,6 +457,7 @@ class Manager:
                 last_used=i.last_used,
                 busy=i.inflight > 0 or (bool(i.queue) and i.model_id not in self._held),
                 pinned=i.pinned,
+                queued_since=i.queue[0].enqueued_at if i.queue else None,
             )
             for i in self.instances.values()
         ]

@@ -8,7 +8,7 @@ starts until its unload has finished (the worker is gone and its memory released
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from modeld.manager.states import RESIDENT, State
 
@@ -23,6 +23,7 @@ class InstanceView:
     last_used: float  # monotonic seconds; 0 for never used
     busy: bool  # generating, or requests are queued for it
     pinned: bool = False
+    queued_since: float | None = None  # when its oldest waiting request arrived
 
 
 @dataclass(frozen=True)
@@ -102,3 +103,22 @@ def plan(
     if room >= need_mb:
         return Load(tuple(evict))
     return Wait("the instances that could make room are busy, loading or pinned")
+
+
+def to_drain(
+    instances: Sequence[InstanceView], budget: Budget, model_id: str, need_mb: int, since: float
+) -> tuple[str, ...]:
+    """Busy instances a cold request that arrived at `since` needs evicted.
+
+    They would be evictable if they stopped taking requests that came after this one;
+    the manager then grants them no new turns, so a model whose queue never empties
+    cannot starve a request for a model that needs its memory.
+    """
+    views = [
+        replace(i, busy=False)
+        if i.state is State.READY and (i.queued_since is None or i.queued_since > since)
+        else i
+        for i in instances
+    ]
+    decision = plan(views, budget, model_id, need_mb)
+    return decision.evict if isinstance(decision, Load) else ()

@@ -80,3 +80,15 @@ def test_error_and_unloaded_instances_hold_no_memory() -> None:
 def test_the_requested_models_own_entry_is_ignored() -> None:
     views = [inst("c", 500, state=State.UNLOADED), inst("a", 500, used=1.0)]
     assert plan(views, BUDGET, "c", 500) == Load(("a",))
+
+
+def test_busy_instances_queued_after_a_cold_request_are_drained_for_it() -> None:
+    from modeld.manager.planner import to_drain
+
+    a = InstanceView("a", State.READY, 800, 1.0, busy=True, queued_since=5.0)
+    # b arrived at 3.0, before a's oldest waiter: a must stop taking turns and go.
+    assert to_drain([a], BUDGET, "b", 400, since=3.0) == ("a",)
+    # b arrived after a's oldest waiter: a serves its queue first.
+    assert to_drain([a], BUDGET, "b", 400, since=7.0) == ()
+    pinned = InstanceView("a", State.READY, 800, 1.0, busy=True, pinned=True)
+    assert to_drain([pinned], BUDGET, "b", 50, since=3.0) == ()
