@@ -19,28 +19,23 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.to_thread
 
-from modeld.api import validate as v
 from modeld.api.app import App, AppState
-from modeld.api.chat_template import ChatMessage, ChatTemplateError, render_chat
+from modeld.api.chat_template import ChatTemplateError, render_chat
 from modeld.api.infer import SSE, Outcome, resolve_model, run_generation, track_request
-from modeld.errors import InvalidRequest, ModeldError
+from modeld.api.openai_request import OpenAIRequest, parse_chat, parse_completion
+from modeld.errors import ModeldError
 from modeld.http.protocol import Request
 from modeld.http.server import Responder
 from modeld.manager.backend import Finished, GenParams, LoadedInfo, Started
 
 log = logging.getLogger("modeld.api")
 
-COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-CHAT_MAX_TOKENS = v.MAX_TOKENS_CEILING  # OpenAI's chat default: until the context is full
-MAX_TEMPERATURE = 2.0  # OpenAI's documented range is [0, 2]
-MAX_MESSAGES = 4096  # messages per chat request; the 1 MiB body limit bites first anyway
 TEMPLATE_TIMEOUT_S = 5.0  # a chat template renders in well under a millisecond
 DONE = b"data: [DONE]\n\n"  # the SSE line that ends every OpenAI stream
 # OpenAI's error `type` for each HTTP status modeld answers with; anything else is a
@@ -58,128 +53,6 @@ ERROR_TYPES = {
 # modeld's finish reasons that OpenAI has too; anything else (a cancelled run nobody
 # reads) is reported as "stop".
 FINISH_REASONS = frozenset({"stop", "length"})
-ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name; templates know "system"
-
-
-@dataclass(frozen=True)
-class OpenAIRequest:
-    """A checked completions or chat request; `params.prompt` is empty for chat."""
-
-    model: str
-    params: GenParams
-    stream: bool
-    include_usage: bool
-    messages: tuple[ChatMessage, ...] | None = None
-
-
-# ---- parsing (pure) -------------------------------------------------------------------
-
-
-def _common(body: dict[str, Any], prompt: str, default_max_tokens: int) -> tuple[str, GenParams]:
-    """The fields both endpoints share; returns the model id and the sampling params."""
-    model = v.string(body, "model", required=True) or ""
-    n = v.integer(body, "n", 1, lo=0, hi=v.MAX_TOKENS_CEILING)
-    if n != 1:
-        raise InvalidRequest("only 'n': 1 is supported", param="n")
-    max_tokens = v.integer(body, "max_tokens", None, lo=1, hi=v.MAX_TOKENS_CEILING)
-    max_completion = v.integer(body, "max_completion_tokens", None, lo=1, hi=v.MAX_TOKENS_CEILING)
-    params = GenParams(
-        prompt=prompt,
-        max_tokens=max_completion or max_tokens or default_max_tokens,
-        temperature=v.number(body, "temperature", 0.8, lo=0.0, hi=MAX_TEMPERATURE),
-        top_p=v.number(body, "top_p", 0.95, lo=0.0, hi=1.0, lo_open=True),
-        top_k=v.integer(body, "top_k", 40, lo=0, hi=1 << 20) or 0,
-        seed=v.integer(body, "seed", None, lo=0, hi=v.MAX_SEED),
-        stop=v.stop_list(body),
-    )
-    return model, params
-
-
-def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
-    """`stream` and `stream_options.include_usage`."""
-    stream = v.boolean(body, "stream", False)
-    options = body.get("stream_options")
-    if options is None:
-        return stream, False
-    if not isinstance(options, dict):
-        raise InvalidRequest("'stream_options' must be an object", param="stream_options")
-    include = options.get("include_usage")
-    if include is not None and not isinstance(include, bool):
-        raise InvalidRequest(
-            "'stream_options.include_usage' must be true or false",
-            param="stream_options.include_usage",
-        )
-    return stream, bool(include)
-
-
-def parse_completion(body: Any) -> OpenAIRequest:
-    """Check a /v1/completions body; `prompt` is a string or a list of one string."""
-    body = v.require_object(body)
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if prompt is None:
-        raise InvalidRequest("'prompt' is required", param="prompt")
-    if not isinstance(prompt, str):
-        raise InvalidRequest(
-            "'prompt' must be a string (or a list of exactly one string)", param="prompt"
-        )
-    model, params = _common(body, v.prompt_text(prompt), COMPLETION_MAX_TOKENS)
-    stream, include_usage = _stream_flags(body)
-    return OpenAIRequest(model, params, stream, include_usage)
-
-
-def parse_chat(body: Any) -> OpenAIRequest:
-    """Check a /v1/chat/completions body."""
-    body = v.require_object(body)
-    model, params = _common(body, "", CHAT_MAX_TOKENS)
-    messages = parse_messages(body.get("messages"))
-    stream, include_usage = _stream_flags(body)
-    return OpenAIRequest(model, params, stream, include_usage, messages)
-
-
-def parse_messages(value: Any) -> tuple[ChatMessage, ...]:
-    """A non-empty list of `{role, content}` objects; content may be text parts."""
-    if value is None:
-        raise InvalidRequest("'messages' is required", param="messages")
-    if not isinstance(value, list) or not value:
-        raise InvalidRequest("'messages' must be a non-empty list", param="messages")
-    if len(value) > MAX_MESSAGES:
-        raise InvalidRequest(f"'messages' has more than {MAX_MESSAGES} entries", param="messages")
-    return tuple(_message(item, i) for i, item in enumerate(value))
-
-
-def _message(item: Any, i: int) -> ChatMessage:
-    where = f"messages[{i}]"
-    if not isinstance(item, dict):
-        raise InvalidRequest(f"'{where}' must be an object", param=where)
-    role = item.get("role")
-    if not isinstance(role, str) or not role:
-        raise InvalidRequest(f"'{where}.role' must be a non-empty string", param=f"{where}.role")
-    content = _content(item.get("content"), role, f"{where}.content")
-    name = item.get("name")
-    if name is not None and not isinstance(name, str):
-        raise InvalidRequest(f"'{where}.name' must be a string", param=f"{where}.name")
-    return ChatMessage(ROLE_ALIASES.get(role, role), v.prompt_text(content, where), name)
-
-
-def _content(value: Any, role: str, where: str) -> str:
-    """A string, or a list of `{"type": "text", "text": ...}` parts joined by newlines."""
-    if isinstance(value, str):
-        return value
-    if value is None and role == "assistant":
-        return ""  # an assistant turn that only called tools
-    if isinstance(value, list):
-        texts = []
-        for part in value:
-            if not isinstance(part, dict) or part.get("type") != "text":
-                raise InvalidRequest(f"'{where}' supports only text parts", param=where)
-            text = part.get("text")
-            if not isinstance(text, str):
-                raise InvalidRequest(f"'{where}' text parts need a string 'text'", param=where)
-            texts.append(text)
-        return "\n".join(texts)
-    raise InvalidRequest(f"'{where}' must be a string or a list of text parts", param=where)
 
 
 # ---- the answer's shape (pure) --------------------------------------------------------

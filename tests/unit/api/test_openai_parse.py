@@ -9,14 +9,8 @@ import anyio
 import pytest
 
 from modeld.api.chat_template import ChatMessage, ChatTemplateError
-from modeld.api.openai import (
-    DONE,
-    Envelope,
-    OpenAISink,
-    error_body,
-    parse_chat,
-    parse_completion,
-)
+from modeld.api.openai import DONE, Envelope, OpenAISink, error_body
+from modeld.api.openai_request import parse_chat, parse_completion
 from modeld.errors import (
     InvalidRequest,
     ModeldError,
