@@ -23,14 +23,14 @@ import anyio
 import anyio.abc
 import anyio.streams.stapled
 
-from modeld.api.app import App, AppState
+from modeld.api.app import App, AppState, is_loopback_host
 from modeld.api.openai import install as install_openai
 from modeld.config import Config
 from modeld.gguf.estimate import estimate_vram_mb
 from modeld.gguf.info import ModelInfo
 from modeld.http.server import ConnectionSlots, ConnInfo, serve_connection
 from modeld.manager.manager import Manager, ManagerConfig
-from modeld.registry import Estimator, ModelSpec, Registry
+from modeld.registry import Estimator, ModelSpec, Registry, size_only_estimate
 from modeld.service import systemd
 from modeld.vram import detect_budget
 from modeld.worker.client import WorkerSettings
@@ -67,15 +67,6 @@ def _remove_socket_file(item: OpenListener) -> None:
     item.unlink = None
 
 
-def _is_loopback(host: str) -> bool:
-    import ipaddress
-
-    try:
-        return ipaddress.ip_address(host.split("%")[0]).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 async def _open_listeners(cfg: Config) -> list[OpenListener]:
     inherited = systemd.listen_fds()
     out: list[OpenListener] = []
@@ -95,7 +86,7 @@ async def _open_listeners(cfg: Config) -> list[OpenListener]:
                 out.append(
                     OpenListener(
                         listener,
-                        ConnInfo("tcp", _is_loopback(host)),
+                        ConnInfo("tcp", is_loopback_host(host)),
                         f"tcp:{host}:{sock.getsockname()[1]} (systemd)",
                     )
                 )
@@ -119,7 +110,7 @@ async def _open_listeners(cfg: Config) -> list[OpenListener]:
             label = (
                 f"tcp:[{addr[0]}]:{addr[1]}" if ":" in str(addr[0]) else f"tcp:{addr[0]}:{addr[1]}"
             )
-            out.append(OpenListener(sub, ConnInfo("tcp", _is_loopback(str(addr[0]))), label))
+            out.append(OpenListener(sub, ConnInfo("tcp", is_loopback_host(str(addr[0]))), label))
     if not out:
         raise StartupError("no listener: give --socket and/or --listen")
     return out
@@ -164,7 +155,7 @@ def _estimator(cfg: Config, gpu: bool) -> Estimator:
 
     def estimate(info: ModelInfo | None, size_bytes: int) -> int:
         if info is None:
-            return -(-size_bytes // (1024 * 1024))
+            return size_only_estimate(info, size_bytes)
         return estimate_vram_mb(
             info,
             n_ctx=cfg.n_ctx,

@@ -81,15 +81,3 @@ def process_vram_mb(pid: int) -> int | None:
     except Exception:
         return None
     return total // MIB if found else None
-
-
-def process_rss_mb(pid: int) -> float | None:
-    """Resident memory of `pid` in MB from /proc, or None."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None

@@ -56,7 +56,7 @@ def is_loopback_host(host: str) -> bool:
     if host in LOOPBACK_NAMES or host.endswith(".localhost"):
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(host.partition("%")[0]).is_loopback  # drop a v6 scope id
     except ValueError:
         return False
 
