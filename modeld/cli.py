@@ -102,6 +102,12 @@ def _socket(ctx: click.Context, param: click.Parameter, value: str | None) -> Pa
     "--n-batch", type=click.IntRange(min=1), default=512, help="Prompt tokens per decode call."
 )
 @click.option(
+    "--stream-interval-ms",
+    type=click.IntRange(min=0, max=1000),
+    default=10,
+    help="Tokens made within this long of the last write are sent with the next (0: each at once).",
+)
+@click.option(
     "--max-queue-depth",
     type=click.IntRange(min=0),
     default=32,

@@ -24,6 +24,7 @@ class Config:
     threads: int = 0
     flash_attn: str = "auto"
     n_batch: int = 512
+    stream_interval_ms: int = 10
     max_queue_depth: int = 32
     max_wait_ms: int = 30_000
     max_inflight: int = 0

@@ -200,6 +200,7 @@ class Daemon:
             threads=cfg.threads,
             flash_attn=cfg.flash_attn,
             n_batch=cfg.n_batch,
+            stream_interval_ms=cfg.stream_interval_ms,
             load_timeout_s=cfg.load_timeout_s,
             gpu=self.budget.gpu,
         )

@@ -80,6 +80,7 @@ class WorkerSettings:
     threads: int = 0  # 0: the worker picks (one per physical core)
     flash_attn: str = "auto"
     n_batch: int = 512
+    stream_interval_ms: int = 10
     load_timeout_s: float = 120.0
     gpu: bool = False  # measure memory with NVML instead of RSS
 
@@ -172,6 +173,7 @@ class WorkerProcess:
                 "threads": settings.threads,
                 "flash_attn": settings.flash_attn,
                 "n_batch": settings.n_batch,
+                "stream_interval_ms": settings.stream_interval_ms,
             }
         )
         msg: dict[str, Any] | None = None

@@ -32,7 +32,11 @@ __all__ = [
     "init_backend",
 ]
 
-FLUSH_INTERVAL_S = 0.001  # batch token events: one write per ms is plenty, one per token is not
+# Tokens made within this long of the last write wait to go out with the next one. Each
+# write wakes the daemon and the client; on a machine whose cores all decode, that CPU
+# comes out of decoding (see docs/performance.md). 10 ms is below what a reader can see
+# and holds any token back by less than one token's time.
+STREAM_INTERVAL_S = 0.010
 PIECE_BUF_BYTES = 256  # longest token piece we expect; a longer one is retried with its size
 WARMUP_TOKEN_FALLBACK = 0  # token decoded for warm-up when the model has no BOS
 LOG_ERROR_LEVEL = 4  # GGML_LOG_LEVEL_ERROR: the only llama.cpp logs kept when not debugging
@@ -78,6 +82,7 @@ class LoadSpec:
     threads: int
     flash_attn: str
     n_batch: int
+    stream_interval_s: float = STREAM_INTERVAL_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +160,7 @@ class Engine:
         self._mem: int = llama.llama_get_memory(ctx)
         self.n_ctx: int = llama.llama_n_ctx(ctx)
         self._n_batch = max(1, min(spec.n_batch, llama.llama_n_batch(ctx)))
+        self._stream_interval_s = spec.stream_interval_s
         self._tokens = (llama.llama_token * (self.n_ctx + 1))()
         self._piece_buf = ctypes.create_string_buffer(PIECE_BUF_BYTES)
         self._pieces: dict[int, bytes | None] = {}  # token -> bytes, None for end-of-generation
@@ -342,7 +348,7 @@ class Engine:
         """Sample, stream and decode token by token until stop, length, cancel or error."""
         ctx, rid = self._ctx, spec.id
         sample, decode = llama.llama_sampler_sample, llama.llama_decode
-        pieces, clock = self._pieces, time.perf_counter
+        pieces, clock, interval = self._pieces, time.perf_counter, self._stream_interval_s
         stream = TextStream(spec.stop)
         push = stream.push
         one = (llama.llama_token * 1)()
@@ -367,7 +373,7 @@ class Engine:
             if text:
                 pending.append(text)
                 now = clock()
-                if now - last_flush >= FLUSH_INTERVAL_S:  # the first text goes out at once
+                if now - last_flush >= interval:  # the first text goes out at once
                     last_flush = now
                     sink.send({"ev": "tokens", "id": rid, "texts": pending})
                     pending = []

@@ -23,6 +23,7 @@ from typing import Any
 
 from modeld.worker.engine import (
     FLASH_ATTN,
+    STREAM_INTERVAL_S,
     CancelFlag,
     Engine,
     GenerateSpec,
@@ -116,7 +117,18 @@ def parse_load(obj: dict[str, Any]) -> LoadSpec:
         threads=_int(obj, "threads", low=0) or physical_cores(),
         flash_attn=flash,
         n_batch=_int(obj, "n_batch", low=1),
+        stream_interval_s=_stream_interval_s(obj),
     )
+
+
+def _stream_interval_s(obj: dict[str, Any]) -> float:
+    """`stream_interval_ms` (optional) in seconds."""
+    if "stream_interval_ms" not in obj:
+        return STREAM_INTERVAL_S
+    value = _float(obj, "stream_interval_ms")
+    if not 0.0 <= value <= 1000.0:
+        raise ValueError("stream_interval_ms must be in [0, 1000]")
+    return value / 1000.0
 
 
 def parse_generate(obj: dict[str, Any]) -> GenerateSpec:

@@ -174,7 +174,9 @@ def test_an_idle_keep_alive_connection_is_closed(daemon: Daemon, via: str) -> No
         sock.sendall(b"GET /healthz HTTP/1.1\r\n" + HOST + b"\r\n")
         data = b""
         while not data.endswith(b'{"status": "ok"}'):
-            data += sock.recv(4096)
+            chunk = sock.recv(4096)
+            assert chunk, f"closed before the whole response: {data!r}"
+            data += chunk
         started = time.monotonic()
         rest, closed = read_to_close(sock)
         took = time.monotonic() - started

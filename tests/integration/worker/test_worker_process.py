@@ -324,6 +324,48 @@ def test_missing_file_fails_to_load(tmp_path: Path) -> None:
         worker.close()
 
 
+def _token_events(worker: Worker, rid: int) -> list[list[str]]:
+    worker.generate(rid, max_tokens=24)
+    _, events = worker.collect(rid)
+    assert events[-1]["ev"] == "done" and events[-1]["completion_tokens"] == 24
+    return [e["texts"] for e in events if e["ev"] == "tokens"]
+
+
+def test_stream_interval_zero_sends_every_text_at_once(model_path: Path) -> None:
+    worker = Worker()
+    try:
+        worker.load(model_path, stream_interval_ms=0)
+        batches = _token_events(worker, 1)
+        assert len(batches) > 1 and all(len(texts) == 1 for texts in batches)
+    finally:
+        worker.close()
+
+
+def test_stream_interval_holds_later_texts_for_the_next_write(model_path: Path) -> None:
+    # The tiny model makes 24 tokens in a few ms: the first text goes out at once, the rest
+    # wait out the (long) interval and leave with `done`.
+    worker = Worker()
+    try:
+        worker.load(model_path, stream_interval_ms=1000)
+        batches = _token_events(worker, 1)
+        assert len(batches) == 2 and len(batches[0]) == 1 and len(batches[1]) > 1
+    finally:
+        worker.close()
+
+
+@pytest.mark.parametrize("value", [-1, 1001, "10", True])
+def test_bad_stream_interval_fails_the_load(model_path: Path, value: object) -> None:
+    worker = Worker()
+    try:
+        worker.expect("hello")
+        worker.send({**LOAD, "n_batch": 512, "path": str(model_path), "stream_interval_ms": value})
+        msg = worker.expect("load_failed")
+        assert "stream_interval_ms" in msg["message"]
+        assert worker.wait() != 0
+    finally:
+        worker.close()
+
+
 # ---- in process: the abort callback during a single big prompt chunk --------------------
 
 
