@@ -34,8 +34,8 @@ __all__ = [
 
 # Tokens made within this long of the last write wait to go out with the next one. Each
 # write wakes the daemon and the client; on a machine whose cores all decode, that CPU
-# comes out of decoding (see docs/performance.md). 10 ms is below what a reader can see
-# and holds any token back by less than one token's time.
+# comes out of decoding (see docs/performance.md). 10 ms is below what a reader can see;
+# a token waits at most the interval plus the time to make one more.
 STREAM_INTERVAL_S = 0.010
 PIECE_BUF_BYTES = 256  # longest token piece we expect; a longer one is retried with its size
 WARMUP_TOKEN_FALLBACK = 0  # token decoded for warm-up when the model has no BOS
