@@ -332,7 +332,7 @@ class Daemon:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    specs = self.registry.scan()
+                    specs = await self.registry.refresh()
                     log.info("SIGHUP: rescanned the models dir: %d models", len(specs))
                     continue
                 if self.stopping.is_set():

@@ -2,7 +2,9 @@
 
 Ids are file names; a request's model id is only ever looked up here, never joined into
 a filesystem path. Files are inspected (validated, metadata read) once per (mtime, size),
-so rescanning on every miss and every `GET /models` stays cheap.
+so rescanning on every miss and every `GET /models` stays cheap. While the daemon runs,
+rescans (`refresh`) go to a worker thread, one at a time, so a slow disk or a directory
+full of new files never holds up the event loop; lookups only read the last result.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import anyio
+import anyio.to_thread
 
 from modeld.errors import ModelNotFound
 from modeld.gguf.info import ModelInfo, read_model_info
@@ -69,9 +74,26 @@ class Registry:
         self._follow_symlinks = follow_symlinks
         self._cache: dict[Path, tuple[tuple[int, int], ModelSpec | None]] = {}
         self._specs: dict[str, ModelSpec] = {}
+        self._scan_lock: anyio.Lock | None = None  # made on first use, inside the event loop
+        self._scans_started = 0
+
+    async def refresh(self) -> dict[str, ModelSpec]:
+        """`scan()` in a worker thread, one at a time; waiting callers share the next scan.
+
+        Only a scan that started after the call counts (one already under way may have
+        missed a file created just before it), so what existed at the call is always seen.
+        """
+        if self._scan_lock is None:
+            self._scan_lock = anyio.Lock()
+        ticket = self._scans_started
+        async with self._scan_lock:
+            if self._scans_started > ticket:  # one started after we asked, and has finished
+                return self._specs
+            self._scans_started += 1
+            return await anyio.to_thread.run_sync(self.scan)
 
     def scan(self) -> dict[str, ModelSpec]:
-        """Re-read the directory; returns the models by id."""
+        """Re-read the directory now, on this thread; returns the models by id."""
         specs: dict[str, ModelSpec] = {}
         try:
             names = sorted(os.listdir(self.models_dir))
@@ -96,11 +118,11 @@ class Registry:
     def get(self, model_id: str) -> ModelSpec | None:
         return self._specs.get(model_id)
 
-    def resolve(self, name: str) -> ModelSpec:
+    async def resolve(self, name: str) -> ModelSpec:
         """Find a model by id (with or without `.gguf`), rescanning once on a miss."""
         spec = self.lookup(name)
         if spec is None or not spec.path.exists():  # new, renamed or removed files
-            self.scan()
+            await self.refresh()
             spec = self.lookup(name)
         if spec is None:
             raise ModelNotFound(f"no model {name!r} in the models dir", param="model")

@@ -2,7 +2,8 @@
 
 `App.__call__` is the handler the HTTP server calls for every request: it checks the
 Host header on loopback TCP, finds the route, runs it, and turns a `ModeldError` raised
-before the response started into `{"error": {"code", "message"}}` with its status.
+before the response started into `{"error": {"code", "message"}}` (OpenAI's error object
+under /v1/) with its status.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ Route = Callable[[Request, Responder], Awaitable[None]]
 SELF_LOGGING = frozenset({"/infer", "/v1/completions", "/v1/chat/completions"})
 # Health probes are polled often: logged at debug level only.
 PROBES = frozenset({"/healthz", "/readyz"})
+OPENAI_PREFIX = "/v1/"  # errors of these routes (and of unknown paths below) use OpenAI's shape
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 
 
@@ -44,6 +46,11 @@ class AppState:
 
 def json_bytes(obj: Any) -> bytes:
     return json.dumps(obj, ensure_ascii=False).encode()
+
+
+def error_body(path: str, error: ModeldError) -> dict[str, Any]:
+    """The error object for a request to `path`: OpenAI's shape under /v1/, else modeld's."""
+    return error.to_openai() if path.startswith(OPENAI_PREFIX) else error.to_json()
 
 
 def is_loopback_host(host: str) -> bool:
@@ -109,7 +116,7 @@ class App:
             await self._route(request)(request, res)
         except ModeldError as exc:
             if not res.started:
-                await res.respond_error(exc)
+                await res.respond_error(exc, error_body(request.path, exc))
             else:
                 log.warning("error after the response started: %s", exc.message)
         except (ClientGone, anyio.get_cancelled_exc_class()):
@@ -117,7 +124,8 @@ class App:
         except Exception:
             log.exception("unhandled error serving %s %s", request.method, request.path)
             if not res.started:
-                await res.respond_error(ModeldError("internal error; see the daemon's log"))
+                error = ModeldError("internal error; see the daemon's log")
+                await res.respond_error(error, error_body(request.path, error))
 
     def _route(self, request: Request) -> Route:
         methods = self.routes.get(request.path)
@@ -147,7 +155,7 @@ class App:
 
     async def models(self, request: Request, res: Responder) -> None:
         registry, manager = self.state.registry, self.state.manager
-        registry.scan()
+        await registry.refresh()
         out = []
         for spec in registry.models():
             inst = manager.instances.get(spec.id)

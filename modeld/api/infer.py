@@ -62,14 +62,14 @@ def parse_infer(body: Any) -> InferRequest:
     return InferRequest(v.string(body, "model"), params, v.boolean(body, "stream", True))
 
 
-def resolve_model(registry: Registry, name: str | None, default: str | None) -> ModelSpec:
+async def resolve_model(registry: Registry, name: str | None, default: str | None) -> ModelSpec:
     if name is None:
         if default is None:
             raise NoDefaultModel(
                 "no 'model' given and modeld has no --default-model", param="model"
             )
         name = default
-    return registry.resolve(name)
+    return await registry.resolve(name)
 
 
 def _ms(seconds: float) -> float:
@@ -302,7 +302,7 @@ async def handle_infer(
 ) -> None:
     async with track_request(request, res, manager) as outcome:
         parsed = parse_infer(request.json())
-        spec = resolve_model(registry, parsed.model, default_model)
+        spec = await resolve_model(registry, parsed.model, default_model)
         outcome.model = spec.id
         framer = Framer(SSE in (request.header("accept") or ""))
         sink = InferSink(res, spec, parsed.stream, framer, outcome)

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from pathlib import Path
 
+import anyio
 import pytest
 
 from modeld.devtools.tiny_gguf import write_tiny_llama
 from modeld.errors import ModelNotFound
-from modeld.registry import Registry
+from modeld.registry import ModelSpec, Registry
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
 
 
 @pytest.fixture(scope="module")
@@ -18,36 +25,39 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_llama(tmp_path_factory.mktemp("src") / "tiny.gguf")
 
 
-def test_ids_are_file_names_and_the_suffix_is_optional(tmp_path: Path, tiny: Path) -> None:
+@pytest.mark.anyio
+async def test_ids_are_file_names_and_the_suffix_is_optional(tmp_path: Path, tiny: Path) -> None:
     shutil.copy(tiny, tmp_path / "a.gguf")
     (tmp_path / "notes.txt").write_text("not a model")
     reg = Registry(tmp_path)
     assert list(reg.scan()) == ["a.gguf"]
-    spec = reg.resolve("a")
+    spec = await reg.resolve("a")
     assert spec.id == "a.gguf" and spec.path == tmp_path / "a.gguf"
     assert spec.size_bytes == tiny.stat().st_size and spec.invalid is None
-    assert reg.resolve("a.gguf") is spec
+    assert await reg.resolve("a.gguf") is spec
 
 
 @pytest.mark.parametrize(
     "name",
     ["", "../a.gguf", "/etc/passwd", "a.gguf\0", "..", "./a.gguf", "%2e%2e%2fa.gguf", "A.GGUF"],
 )
-def test_tricky_ids_are_not_found(tmp_path: Path, tiny: Path, name: str) -> None:
+@pytest.mark.anyio
+async def test_tricky_ids_are_not_found(tmp_path: Path, tiny: Path, name: str) -> None:
     shutil.copy(tiny, tmp_path / "a.gguf")
     reg = Registry(tmp_path)
     reg.scan()
     with pytest.raises(ModelNotFound):
-        reg.resolve(name)
+        await reg.resolve(name)
 
 
-def test_a_new_file_is_found_on_a_miss_and_a_removed_one_is_gone(
+@pytest.mark.anyio
+async def test_a_new_file_is_found_on_a_miss_and_a_removed_one_is_gone(
     tmp_path: Path, tiny: Path
 ) -> None:
     reg = Registry(tmp_path)
     reg.scan()
     shutil.copy(tiny, tmp_path / "new.gguf")
-    assert reg.resolve("new").id == "new.gguf"
+    assert (await reg.resolve("new")).id == "new.gguf"
     os.unlink(tmp_path / "new.gguf")
     assert reg.scan() == {}
 
@@ -83,3 +93,37 @@ def test_symlinks_outside_the_dir_need_follow_symlinks(tmp_path: Path, tiny: Pat
         "inside.gguf",
         "out-link.gguf",
     ]
+
+
+@pytest.mark.anyio
+async def test_refresh_scans_off_the_event_loop_and_callers_share_scans(
+    tmp_path: Path, tiny: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shutil.copy(tiny, tmp_path / "a.gguf")
+    reg = Registry(tmp_path)
+    threads: list[int] = []
+    release = threading.Event()
+    real_scan = reg.scan
+
+    def slow_scan() -> dict[str, ModelSpec]:
+        threads.append(threading.get_ident())
+        release.wait(10)
+        return real_scan()
+
+    monkeypatch.setattr(reg, "scan", slow_scan)
+    results: list[list[str]] = []
+
+    async def refresh() -> None:
+        results.append(sorted(await reg.refresh()))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(refresh)  # the first scan starts and blocks in its thread
+        await anyio.sleep(0.05)
+        for _ in range(5):  # arrive during it: they must wait for one scan after it
+            tg.start_soon(refresh)
+        await anyio.sleep(0.05)
+        assert len(threads) == 1  # the loop still runs while the scan blocks
+        release.set()
+    assert results == [["a.gguf"]] * 6
+    assert len(threads) == 2  # one scan under way, then one shared by the five
+    assert threading.get_ident() not in threads
