@@ -1,13 +1,26 @@
 """One error hierarchy: every failure a client can see carries its code and HTTP status.
 
-Errors are raised where the problem is known; `modeld.api.app` turns them into
-`{"error": {"code", "message"}}` in exactly one place. `modelctl` maps the same codes
-to its exit codes.
+Errors are raised where the problem is known; `modeld.api.app` turns them into a
+response in exactly one place: `{"error": {"code", "message"}}`, or OpenAI's error object
+under `/v1/`. `modelctl` maps the same codes to its exit codes.
 """
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
+
+# OpenAI's error `type` for each HTTP status modeld answers with; anything else is a
+# server_error.
+OPENAI_ERROR_TYPES = {
+    400: "invalid_request_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    408: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    431: "invalid_request_error",
+}
 
 
 class ModeldError(Exception):
@@ -28,6 +41,12 @@ class ModeldError(Exception):
             body["param"] = self.param
         body.update(self.extra)
         return {"error": body}
+
+    def to_openai(self) -> dict[str, Any]:
+        """OpenAI's error object, keeping modeld's code (and extras such as retry_after_ms)."""
+        kind = OPENAI_ERROR_TYPES.get(self.http_status, "server_error")
+        body = {"message": self.message, "type": kind, "param": self.param, "code": self.code}
+        return {"error": {**self.extra, **body}}
 
     def headers(self) -> list[tuple[str, str]]:
         """Extra response headers this error needs (Retry-After, Allow, ...)."""

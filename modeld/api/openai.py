@@ -38,30 +38,12 @@ log = logging.getLogger("modeld.api")
 
 TEMPLATE_TIMEOUT_S = 5.0  # a chat template renders in well under a millisecond
 DONE = b"data: [DONE]\n\n"  # the SSE line that ends every OpenAI stream
-# OpenAI's error `type` for each HTTP status modeld answers with; anything else is a
-# server_error.
-ERROR_TYPES = {
-    400: "invalid_request_error",
-    403: "permission_error",
-    404: "not_found_error",
-    405: "invalid_request_error",
-    408: "invalid_request_error",
-    413: "invalid_request_error",
-    429: "rate_limit_error",
-    431: "invalid_request_error",
-}
 # modeld's finish reasons that OpenAI has too; anything else (a cancelled run nobody
 # reads) is reported as "stop".
 FINISH_REASONS = frozenset({"stop", "length"})
 
 
 # ---- the answer's shape (pure) --------------------------------------------------------
-
-
-def error_body(exc: ModeldError) -> dict[str, Any]:
-    """OpenAI's error object, keeping modeld's code."""
-    kind = ERROR_TYPES.get(exc.http_status, "server_error")
-    return {"error": {"message": exc.message, "type": kind, "param": exc.param, "code": exc.code}}
 
 
 def sse(obj: dict[str, Any]) -> bytes:
@@ -169,7 +151,7 @@ class OpenAISink:
     async def failed(self, error: ModeldError) -> None:
         if not self.stream:
             raise error
-        await self.res.send(sse(error_body(error)))
+        await self.res.send(sse(error.to_openai()))
         await self.res.end()
 
 
@@ -215,7 +197,7 @@ class OpenAIApi:
 
     async def models(self, request: Request, res: Responder) -> None:
         registry = self.state.registry
-        registry.scan()
+        await registry.refresh()
         data = [
             {"id": spec.id, "object": "model", "created": _mtime(spec.path), "owned_by": "modeld"}
             for spec in registry.models()
@@ -234,18 +216,13 @@ class OpenAIApi:
         async with track_request(request, res, manager) as outcome:
             try:
                 await self._run(request, res, chat, outcome)
-            except ModeldError as exc:
-                outcome.how = exc.code
-                if isinstance(exc, ChatTemplateError):
-                    log.warning("chat template of %s failed: %s", outcome.model, exc.message)
-                if res.started:
-                    log.warning("error after the response started: %s", exc.message)
-                    return
-                await _respond_json(res, exc.http_status, error_body(exc), exc.headers())
+            except ChatTemplateError as exc:
+                log.warning("chat template of %s failed: %s", outcome.model, exc.message)
+                raise
 
     async def _run(self, request: Request, res: Responder, chat: bool, outcome: Outcome) -> None:
         parsed = (parse_chat if chat else parse_completion)(request.json())
-        spec = resolve_model(self.state.registry, parsed.model, None)
+        spec = await resolve_model(self.state.registry, parsed.model, None)
         outcome.model = spec.id
         envelope = Envelope(chat, spec.id, parsed.stream and parsed.include_usage)
         sink = OpenAISink(res, envelope, parsed.stream)

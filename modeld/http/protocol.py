@@ -215,10 +215,13 @@ class ServerConnection:
         head = self.start_response(status, headers, close=close)
         return head + self.data(body) + self.end()
 
-    def error_response(self, error: ModeldError, *, close: bool = False) -> bytes:
-        body = json.dumps(error.to_json()).encode()
+    def error_response(
+        self, error: ModeldError, *, close: bool = False, body: dict[str, Any] | None = None
+    ) -> bytes:
+        """The error as a JSON response: modeld's shape unless `body` gives another."""
+        data = json.dumps(error.to_json() if body is None else body).encode()
         headers = [("Content-Type", "application/json"), *error.headers()]
-        return self.full_response(error.http_status, headers, body, close=close)
+        return self.full_response(error.http_status, headers, data, close=close)
 
     @property
     def can_respond(self) -> bool:

@@ -15,6 +15,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -114,10 +115,10 @@ class Responder:
         self.status = status
         await self._write(self._conn.full_response(status, headers, body))
 
-    async def respond_error(self, error: ModeldError) -> None:
+    async def respond_error(self, error: ModeldError, body: dict[str, Any] | None = None) -> None:
         self.started = self.finished = True
         self.status = error.http_status
-        await self._write(self._conn.error_response(error))
+        await self._write(self._conn.error_response(error, body=body))
 
 
 Handler = Callable[[Request, Responder, ConnInfo], Awaitable[None]]

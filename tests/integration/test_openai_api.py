@@ -196,6 +196,31 @@ def test_unknown_model_is_not_found(client: openai.OpenAI) -> None:
 
 
 @pytest.mark.parametrize(
+    ("method", "path", "status", "code"),
+    [
+        ("GET", "/v1/nope", 404, "not_found"),
+        ("POST", "/v1/models", 405, "method_not_allowed"),
+        ("GET", "/v1/chat/completions", 405, "method_not_allowed"),
+    ],
+)
+def test_routing_errors_under_v1_use_openais_shape(
+    daemon: Daemon, method: str, path: str, status: int, code: str
+) -> None:
+    res = daemon.client().request(method, path)
+    assert res.status == status
+    error = res.json()["error"]
+    assert error["code"] == code and error["message"]
+    assert set(error) >= {"message", "type", "param", "code"}
+    assert error["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
+
+
+def test_errors_outside_v1_keep_modelds_shape(daemon: Daemon) -> None:
+    res = daemon.client().request("GET", "/nope")
+    assert res.status == 404
+    assert res.json() == {"error": {"code": "not_found", "message": "no such endpoint: /nope"}}
+
+
+@pytest.mark.parametrize(
     ("extra", "param"),
     [({"n": 2}, "n"), ({"temperature": "hot"}, "temperature"), ({"stop": 3}, "stop")],
 )

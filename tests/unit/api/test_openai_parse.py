@@ -9,7 +9,7 @@ import anyio
 import pytest
 
 from modeld.api.chat_template import ChatMessage, ChatTemplateError
-from modeld.api.openai import DONE, Envelope, OpenAISink, error_body
+from modeld.api.openai import DONE, Envelope, OpenAISink
 from modeld.api.openai_request import parse_chat, parse_completion
 from modeld.errors import (
     InvalidRequest,
@@ -176,10 +176,9 @@ def test_chat_errors_name_the_field(messages: Any, param: str) -> None:
     ],
 )
 def test_error_shape(error: ModeldError, kind: str) -> None:
-    body = error_body(error)
-    assert body == {
-        "error": {"message": error.message, "type": kind, "param": error.param, "code": error.code}
-    }
+    body = error.to_openai()
+    expected = {"message": error.message, "type": kind, "param": error.param, "code": error.code}
+    assert body == {"error": {**error.extra, **expected}}
 
 
 def test_retry_after_header_of_a_full_queue() -> None:
