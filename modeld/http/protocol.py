@@ -47,7 +47,7 @@ class Request:
     query: str
     headers: tuple[tuple[str, str], ...]
     body: bytes
-    received_at: float = field(default_factory=time.monotonic)  # for timings
+    received_at: float = field(default_factory=time.monotonic)  # head parsed; for timings
 
     def header(self, name: str) -> str | None:
         name = name.lower()
@@ -106,6 +106,7 @@ class ServerConnection:
         self.limits = limits
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_head_bytes)
         self._head: h11.Request | None = None
+        self._head_at = 0.0  # when the head was parsed: timings include the upload
         self._body: list[bytes] = []
         self._body_size = 0
 
@@ -133,7 +134,7 @@ class ServerConnection:
                 problem = self._check_head(event)
                 if problem is not None:
                     return Failure(problem)
-                self._head = event
+                self._head, self._head_at = event, time.monotonic()
             elif isinstance(event, h11.Data):
                 self._body_size += len(event.data)
                 if self._body_size > self.limits.max_body_bytes:
@@ -181,6 +182,7 @@ class ServerConnection:
             query=query,
             headers=tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in head.headers),
             body=b"".join(self._body),
+            received_at=self._head_at,
         )
         self._head, self._body, self._body_size = None, [], 0
         return request

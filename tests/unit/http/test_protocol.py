@@ -37,6 +37,18 @@ def test_body_with_content_length_and_chunked() -> None:
     assert isinstance(req2, Request) and req2.body == b"{}"
 
 
+def test_a_request_is_timed_from_its_head_not_its_last_body_byte(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = iter([100.0, 250.0])
+    monkeypatch.setattr("modeld.http.protocol.time.monotonic", lambda: next(clock))
+    conn = ServerConnection(SMALL)
+    head = b"POST /infer HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n"
+    assert feed(conn, head) is NEED_DATA  # the head is parsed at t=100
+    req = feed(conn, b"{}")  # the body completes later
+    assert isinstance(req, Request) and req.received_at == 100.0
+
+
 def test_keep_alive_and_pipelining() -> None:
     conn = ServerConnection(SMALL)
     first = feed(conn, b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/1.1\r\nHost: a\r\n\r\n")
