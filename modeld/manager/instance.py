@@ -1,8 +1,13 @@
-"""The manager's mutable records: an instance, a waiting request, a granted turn."""
+"""The manager's mutable records: an instance, a waiting request, a granted turn.
+
+Also what the planner sees of them (`planner_views()`), so that the manager and the
+lifecycle count memory the same way.
+"""
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Container, Iterable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 
@@ -10,6 +15,7 @@ import anyio
 
 from modeld.errors import ModeldError
 from modeld.manager.backend import Generation, GenParams, LoadedModel
+from modeld.manager.planner import InstanceView
 from modeld.manager.states import State, transition
 from modeld.registry import ModelSpec
 
@@ -54,6 +60,16 @@ class Instance:
     def move(self, new: State) -> None:
         self.state = transition(self.state, new)
 
+    def fail_waiters(self, error: ModeldError) -> None:
+        """End every queued request with `error`."""
+        while self.queue:
+            waiter = self.queue.popleft()
+            waiter.error = error
+            waiter.event.set()
+        if self.load_done is not None:  # waiters parked on a load in progress must see it
+            self.load_done.set()
+            self.load_done = anyio.Event()  # later waiters wait for the load itself
+
 
 @dataclass
 class Lease:
@@ -68,3 +84,21 @@ class Lease:
     def generate(self, params: GenParams) -> AbstractAsyncContextManager[Generation]:
         self.generated = True
         return self.model.generate(params)
+
+
+def planner_views(
+    instances: Iterable[Instance], held: Container[str] = frozenset()
+) -> list[InstanceView]:
+    """What the planner sees of `instances`; a `held` one's queue does not make it busy."""
+    return [
+        InstanceView(
+            model_id=i.model_id,
+            state=i.state,
+            vram_mb=i.effective_mb,
+            last_used=i.last_used,
+            busy=i.inflight > 0 or (bool(i.queue) and i.model_id not in held),
+            pinned=i.pinned,
+            queued_since=i.queue[0].enqueued_at if i.queue else None,
+        )
+        for i in instances
+    ]

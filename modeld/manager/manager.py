@@ -1,13 +1,15 @@
-"""The async manager: carries out what the planner decides.
+"""The async manager: admits requests and carries out what the planner decides.
 
 Theory of operation: every model that has been asked for gets an `Instance` with its own
-FIFO queue of waiters. Whenever anything changes (a request arrives or leaves, a
-generation ends, a load or unload finishes) `_pump()` runs synchronously: it hands the
-instance to the head of its queue when the instance is ready and idle, and for models
-that have waiters but are not loaded it asks `planner.plan()` what to do: load, evict
-these first, wait, or reject. Loads and unloads run as tasks in the manager's task group
-and call `_pump()` again when they end. Nothing here blocks on I/O except those tasks.
-Time comes from `anyio.current_time()`, so tests run on trio's MockClock.
+FIFO queue of waiters. `acquire()` says no early when it must (`_admit`), else queues
+the request and waits for its turn. Whenever anything changes (a request arrives or
+leaves, a generation ends, a load or unload finishes) `_pump()` runs synchronously: it
+hands the instance to the head of its queue when the instance is ready and idle, and for
+models that have waiters but are not loaded it asks `planner.plan()` what to do: load,
+evict these first, wait, or reject. The loads and unloads themselves, with load backoff,
+idle unloads and dying workers, belong to `lifecycle.Lifecycle`: it runs them as tasks in
+the manager's task group and calls `_pump()` again when they end. Nothing here blocks on
+I/O. Time comes from `anyio.current_time()`, so tests run on trio's MockClock.
 """
 
 from __future__ import annotations
@@ -26,14 +28,14 @@ from modeld.errors import (
     InsufficientVram,
     ModeldError,
     ModelLoadFailed,
-    ModelUnloaded,
     Overloaded,
     QueueFull,
     QueueTimeout,
     ShuttingDown,
 )
 from modeld.manager.backend import Backend, Generation
-from modeld.manager.instance import Instance, Lease, Waiter
+from modeld.manager.instance import Instance, Lease, Waiter, planner_views
+from modeld.manager.lifecycle import Lifecycle
 from modeld.manager.planner import (
     Budget,
     InstanceView,
@@ -52,9 +54,6 @@ log = logging.getLogger("modeld.manager")
 
 DEFAULT_GEN_MS = 2000.0  # retry hint before any generation has been timed
 GEN_EWMA_ALPHA = 0.3  # weight of the newest generation time in the running average
-BACKOFF_BASE_S = 1.0  # first retry of a failed load after this long ...
-BACKOFF_MAX_S = 60.0  # ... doubling per failure up to this
-IDLE_CHECK_S = 1.0  # how often idle instances are looked at for --idle-unload-s
 
 
 @dataclass(frozen=True)
@@ -79,33 +78,25 @@ class Manager:
         self.rejected: dict[str, int] = {"queue_full": 0, "queue_timeout": 0, "overloaded": 0}
         self.cancelled = 0
         self._gen_ms: float | None = None
-        self._tg: anyio.abc.TaskGroup | None = None
-        self._closing = False
         self._held: set[str] = set()  # see _hold_for_cold
+        self._lifecycle = Lifecycle(backend, self.instances, self._budget(), self._pump)
 
-    # ---- lifecycle -------------------------------------------------------------------
+    # ---- serving ---------------------------------------------------------------------
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Serve until cancelled; owns the load and unload tasks."""
         async with anyio.create_task_group() as tg:
-            self._tg = tg
+            self._lifecycle.tg = tg
             task_status.started()
             if self.config.idle_unload_s > 0:
-                tg.start_soon(self._idle_loop)
+                tg.start_soon(self._lifecycle.idle_loop, self.config.idle_unload_s)
             await anyio.sleep_forever()
 
     async def shutdown(self) -> None:
         """Refuse new work, end everything waiting or running, unload every instance."""
-        self._closing = True
-        for inst in self.instances.values():
-            self._fail_waiters(inst, ShuttingDown("modeld is shutting down"))
-        with anyio.CancelScope(shield=True):
-            async with anyio.create_task_group() as tg:
-                for inst in self.instances.values():
-                    if inst.state is State.READY:
-                        tg.start_soon(self._unload, inst, "shutdown")
+        await self._lifecycle.shutdown()
 
     # ---- the request path ------------------------------------------------------------
 
@@ -113,7 +104,11 @@ class Manager:
     async def acquire(self, spec: ModelSpec) -> AsyncIterator[Lease]:
         """Wait for a turn on `spec`'s instance (loading it if needed); yield a Lease."""
         inst = self._instance(spec)
-        self._admit(inst)
+        try:
+            self._admit(inst)
+        except ModeldError:
+            self._forget_if_unused(inst)
+            raise
         waiter = Waiter(enqueued_at=anyio.current_time())
         inst.queue.append(waiter)
         self._pump()
@@ -162,7 +157,7 @@ class Manager:
 
     def _admit(self, inst: Instance) -> None:
         """Say no early: shutting down, too large, overloaded, queue full, load backoff."""
-        if self._closing:
+        if self._lifecycle.closing:
             raise ShuttingDown("modeld is shutting down")
         need = inst.effective_mb
         budget = self._budget()
@@ -223,7 +218,7 @@ class Manager:
 
     def _pump(self) -> None:
         """Grant turns and start loads/unloads; synchronous, idempotent."""
-        if self._closing:
+        if self._lifecycle.closing:
             return
         order = sorted(
             (i for i in self.instances.values() if i.queue),
@@ -258,17 +253,16 @@ class Manager:
     def _plan_load(self, inst: Instance) -> None:
         if inst.spec.invalid is not None:
             inst.move(State.LOADING)
-            self._load_failed(inst, inst.spec.invalid)
+            self._lifecycle.load_failed(inst, inst.spec.invalid)
             return
         if inst.state is State.ERROR and anyio.current_time() < inst.retry_at:
-            self._fail_waiters(
-                inst, ModelLoadFailed(f"model {inst.model_id!r} failed to load: {inst.error}")
+            inst.fail_waiters(
+                ModelLoadFailed(f"model {inst.model_id!r} failed to load: {inst.error}")
             )
             return
         decision = plan(self._views(), self._budget(), inst.model_id, inst.effective_mb)
         if isinstance(decision, TooLarge):
-            self._fail_waiters(
-                inst,
+            inst.fail_waiters(
                 InsufficientVram(
                     f"model {inst.model_id!r} needs about {decision.need_mb} MB but the budget "
                     f"allows {decision.usable_mb} MB"
@@ -281,159 +275,13 @@ class Manager:
                 ),
             )
         elif isinstance(decision, Load) and not decision.evict:
-            inst.move(State.LOADING)
-            inst.load_done = anyio.Event()
-            self._spawn(self._load, inst)
+            self._lifecycle.start_load(inst)
         elif isinstance(decision, Load):
             for model_id in decision.evict:
-                victim = self.instances[model_id]
                 log.info("evicting %s to make room for %s", model_id, inst.model_id)
-                victim.move(State.UNLOADING)
-                self._spawn(self._unload, victim, "evicted", True)
+                self._lifecycle.start_unload(self.instances[model_id], "evicted")
         else:
             assert isinstance(decision, Wait)
-
-    def _spawn(self, fn: Any, *args: Any) -> None:
-        assert self._tg is not None, "Manager.run() is not running"
-        self._tg.start_soon(fn, *args)
-
-    async def _load(self, inst: Instance) -> None:
-        try:
-            await self._do_load(inst)
-        finally:
-            if inst.load_done is not None:
-                inst.load_done.set()
-                inst.load_done = None
-
-    async def _do_load(self, inst: Instance) -> None:
-        started = anyio.current_time()
-        try:
-            handle = await self.backend.load(
-                str(inst.spec.path), inst.model_id, lambda reason: self._on_exit(inst, reason)
-            )
-        except ModeldError as exc:
-            self._load_failed(inst, exc.message)
-            return
-        except Exception as exc:  # a bug in a backend must not kill the manager
-            log.exception("load of %s failed unexpectedly", inst.model_id)
-            self._load_failed(inst, f"internal error: {type(exc).__name__}")
-            return
-        load_ms = (anyio.current_time() - started) * 1000
-        inst.handle = handle
-        inst.vram_mb = handle.info.vram_mb
-        inst.loads += 1
-        inst.failures = 0
-        inst.error = None
-        inst.last_used = anyio.current_time()
-        inst.move(State.READY)
-        now = anyio.current_time()
-        for waiter in inst.queue:  # a request that came mid-load waited only part of it
-            waiter.load_ms += min(load_ms, (now - waiter.enqueued_at) * 1000)
-        log.info(
-            "loaded %s in %.0f ms: %d MB (estimate %d MB), %d MB in use of %d MB usable",
-            inst.model_id,
-            load_ms,
-            inst.vram_mb,
-            inst.spec.est_vram_mb,
-            self.used_mb,
-            self._budget().usable_mb,
-            extra={
-                "fields": {
-                    "event": "load",
-                    "model": inst.model_id,
-                    "load_ms": round(load_ms, 1),
-                    "vram_mb": inst.vram_mb,
-                    "est_vram_mb": inst.spec.est_vram_mb,
-                    "used_mb": self.used_mb,
-                }
-            },
-        )
-        if self._closing:
-            self._spawn(self._unload, inst, "shutdown")
-        self._pump()
-
-    def _load_failed(self, inst: Instance, reason: str) -> None:
-        inst.failures += 1
-        inst.error = reason
-        backoff = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (inst.failures - 1))
-        inst.retry_at = anyio.current_time() + backoff
-        inst.move(State.ERROR)
-        log.warning(
-            "load of %s failed: %s (retry allowed in %.0f s)",
-            inst.model_id,
-            reason,
-            backoff,
-            extra={"fields": {"event": "load_failed", "model": inst.model_id}},
-        )
-        self._fail_waiters(
-            inst, ModelLoadFailed(f"model {inst.model_id!r} failed to load: {reason}")
-        )
-        self._pump()
-
-    async def _unload(self, inst: Instance, reason: str, moved: bool = False) -> None:
-        if not moved:
-            inst.move(State.UNLOADING)
-        handle, inst.handle = inst.handle, None
-        error: ModeldError = (
-            ShuttingDown("modeld is shutting down")
-            if reason == "shutdown"
-            else ModelUnloaded(f"model {inst.model_id!r} was unloaded ({reason})")
-        )
-        freed = inst.effective_mb
-        try:
-            if handle is not None:
-                with anyio.CancelScope(shield=True):
-                    await handle.close(error)
-        finally:
-            inst.vram_mb = None
-            inst.move(State.UNLOADED)
-            log.info(
-                "unloaded %s (%s): %d MB freed",
-                inst.model_id,
-                reason,
-                freed,
-                extra={
-                    "fields": {
-                        "event": "unload",
-                        "model": inst.model_id,
-                        "reason": reason,
-                        "vram_mb": freed,
-                        "used_mb": self.used_mb,
-                    }
-                },
-            )
-            self._pump()
-
-    def _on_exit(self, inst: Instance, reason: str) -> None:
-        """A worker died on its own: unload the instance so the next request reloads."""
-        if inst.state is State.READY:
-            inst.error = reason
-            inst.move(State.UNLOADING)
-            self._spawn(self._unload, inst, reason, True)
-
-    async def _idle_loop(self) -> None:
-        while True:
-            await anyio.sleep(IDLE_CHECK_S)
-            now = anyio.current_time()
-            for inst in list(self.instances.values()):
-                if (
-                    inst.state is State.READY
-                    and not inst.pinned
-                    and inst.inflight == 0
-                    and not inst.queue
-                    and now - inst.last_used >= self.config.idle_unload_s
-                ):
-                    inst.move(State.UNLOADING)
-                    self._spawn(self._unload, inst, "idle", True)
-
-    def _fail_waiters(self, inst: Instance, error: ModeldError) -> None:
-        while inst.queue:
-            waiter = inst.queue.popleft()
-            waiter.error = error
-            waiter.event.set()
-        if inst.load_done is not None:  # waiters parked on a load in progress must see it
-            inst.load_done.set()
-            inst.load_done = anyio.Event()  # later waiters wait for the load itself
 
     # ---- views -----------------------------------------------------------------------
 
@@ -448,19 +296,14 @@ class Manager:
                 inst.retry_at = 0.0
         return inst
 
+    def _forget_if_unused(self, inst: Instance) -> None:
+        """Drop an instance that was never loaded and has nobody: /status lists no ghosts."""
+        unused = inst.loads == 0 and not inst.queue and not inst.inflight
+        if inst.state is State.UNLOADED and unused:
+            del self.instances[inst.model_id]
+
     def _views(self) -> list[InstanceView]:
-        return [
-            InstanceView(
-                model_id=i.model_id,
-                state=i.state,
-                vram_mb=i.effective_mb,
-                last_used=i.last_used,
-                busy=i.inflight > 0 or (bool(i.queue) and i.model_id not in self._held),
-                pinned=i.pinned,
-                queued_since=i.queue[0].enqueued_at if i.queue else None,
-            )
-            for i in self.instances.values()
-        ]
+        return planner_views(self.instances.values(), self._held)
 
     def _budget(self) -> Budget:
         return Budget(self.config.budget_mb, self.config.margin_mb)
@@ -476,7 +319,7 @@ class Manager:
     def preload(self, specs: Iterable[ModelSpec]) -> None:
         """Load these models in the background, as if a request had asked for each."""
         for spec in specs:
-            self._spawn(self.preload_one, spec)
+            self._lifecycle.spawn(self.preload_one, spec)
 
     async def preload_one(self, spec: ModelSpec) -> None:
         """Load `spec` as a request would, without generating."""

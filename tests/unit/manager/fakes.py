@@ -65,6 +65,8 @@ class FakeModel:
     async def close(self, error: ModeldError) -> None:
         self.backend.closed.append(self.model_id)
         await anyio.sleep(self.backend.unload_s)
+        if self.backend.close_raises:
+            raise RuntimeError("close blew up")
 
 
 class FakeBackend:
@@ -78,6 +80,7 @@ class FakeBackend:
         self.generations: list[str] = []
         self.gate: anyio.Event | None = None
         self.fail_next = 0
+        self.close_raises = False  # a buggy backend: close() raises after closing
         self.load_s = 0.5
         self.unload_s = 0.1
         self.token_delay_s = 0.01

@@ -16,6 +16,7 @@ from modeld.errors import (
     Overloaded,
     QueueFull,
     QueueTimeout,
+    ShuttingDown,
 )
 from modeld.manager.backend import Finished, GenParams, Tokens
 from modeld.manager.manager import Manager, ManagerConfig
@@ -192,6 +193,40 @@ async def test_failed_load_then_retry_with_backoff() -> None:
         assert m.instances["a"].error is None
 
 
+async def test_load_backoff_doubles_per_failure() -> None:
+    backend = FakeBackend()
+    backend.fail_next = 2
+    async with running(backend) as m:
+        with pytest.raises(ModelLoadFailed, match="bad magic"):
+            await generate(m, "a")
+        await anyio.sleep(1.1)
+        with pytest.raises(ModelLoadFailed, match="bad magic"):
+            await generate(m, "a")
+        with pytest.raises(ModelLoadFailed, match=r"next retry in 2\.0 s"):
+            await generate(m, "a")
+        assert m.instances["a"].failures == 2
+
+
+async def test_a_load_that_ends_after_shutdown_is_unloaded_at_once() -> None:
+    backend = FakeBackend()
+    backend.gate = anyio.Event()
+    async with running(backend) as m:
+        async with anyio.create_task_group() as tg:
+
+            async def request() -> None:
+                with pytest.raises(ShuttingDown):
+                    await generate(m, "a")
+
+            tg.start_soon(request)
+            await settle()
+            assert m.instances["a"].state is State.LOADING
+            await m.shutdown()
+            backend.gate.set()
+            await anyio.sleep(1)
+        assert m.instances["a"].state is State.UNLOADED
+        assert backend.loads == ["a"] and backend.closed == ["a"]
+
+
 async def test_lru_eviction_of_idle_instances() -> None:
     backend = FakeBackend({"a": 400, "b": 400, "c": 400})
     async with running(backend, budget_mb=1000, margin_mb=100) as m:
@@ -236,6 +271,7 @@ async def test_too_large_model_is_refused_at_once() -> None:
             async with m.acquire(spec("huge", 901)):
                 pass
         assert backend.loads == []
+        assert all(i["model_id"] != "huge" for i in m.status()["instances"])  # no ghost
 
 
 async def test_pinned_instance_is_not_evicted() -> None:
@@ -257,6 +293,17 @@ async def test_idle_unload() -> None:
         assert m.instances["a"].state is State.READY
         await anyio.sleep(7)
         assert str(m.instances["a"].state) == "unloaded"  # (mypy narrowed it to READY above)
+
+
+async def test_an_unload_that_raises_does_not_kill_the_manager() -> None:
+    backend = FakeBackend()
+    backend.close_raises = True
+    async with running(backend, idle_unload_s=10) as m:
+        await generate(m, "a")
+        await anyio.sleep(12)  # idle unload: close() raises
+        assert str(m.instances["a"].state) == "unloaded"
+        await generate(m, "a")  # the manager still serves, and reloads
+        assert backend.loads == ["a", "a"]
 
 
 async def test_worker_exit_unloads_and_the_next_request_reloads() -> None:
