@@ -79,6 +79,8 @@ class Manager:
         self.cancelled = 0
         self._gen_ms: float | None = None
         self._held: set[str] = set()  # see _hold_for_cold
+        self._pumping = False  # a _pump pass is running
+        self._pump_again = False  # something changed during it: run one more
         self._lifecycle = Lifecycle(backend, self.instances, self._budget(), self._pump)
 
     # ---- serving ---------------------------------------------------------------------
@@ -217,9 +219,24 @@ class Manager:
     # ---- the scheduler ---------------------------------------------------------------
 
     def _pump(self) -> None:
-        """Grant turns and start loads/unloads; synchronous, idempotent."""
-        if self._lifecycle.closing:
+        """Grant turns and start loads/unloads; synchronous, idempotent.
+
+        A call made while a pass runs (a load failing at once calls back) only asks for
+        one more pass, so passes never nest.
+        """
+        if self._pumping:
+            self._pump_again = True
             return
+        self._pumping = True
+        try:
+            self._pump_again = True
+            while self._pump_again and not self._lifecycle.closing:
+                self._pump_again = False
+                self._pump_once()
+        finally:
+            self._pumping = False
+
+    def _pump_once(self) -> None:
         order = sorted(
             (i for i in self.instances.values() if i.queue),
             key=lambda i: i.queue[0].enqueued_at,
