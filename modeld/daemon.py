@@ -218,6 +218,7 @@ class Daemon:
             async with ProcessBackend(settings, spare=cfg.spare_worker) as backend:
                 manager = Manager(backend, mcfg)
                 self.manager = manager
+                self.registry.on_refresh = manager.reconcile
                 app = App(AppState(self.registry, manager, self._default_id()))
                 install_openai(app)
                 async with anyio.create_task_group() as tg:

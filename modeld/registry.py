@@ -14,7 +14,7 @@ import os
 import re
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import anyio
@@ -43,6 +43,7 @@ class ModelSpec:
     est_vram_mb: int
     info: ModelInfo | None = None
     invalid: str | None = None  # why the file cannot be served, when it cannot
+    stamp: tuple[int, int, int] = (0, 0, 0)  # (mtime_ns, size, inode): a new file, a new spec
 
     def public(self) -> dict[str, object]:
         return {
@@ -72,9 +73,11 @@ class Registry:
         self.models_dir = models_dir.expanduser().absolute()
         self._estimator = estimator
         self._follow_symlinks = follow_symlinks
-        self._cache: dict[Path, tuple[tuple[int, int], ModelSpec | None]] = {}
+        self._cache: dict[Path, tuple[tuple[int, int, int], ModelSpec | None]] = {}
         self._specs: dict[str, ModelSpec] = {}
         self._scan_lock: anyio.Lock | None = None  # made on first use, inside the event loop
+        # Told the result of every `refresh` (the manager unloads instances of changed files).
+        self.on_refresh: Callable[[dict[str, ModelSpec]], None] | None = None
         self._scans_started = 0
 
     async def refresh(self) -> dict[str, ModelSpec]:
@@ -90,7 +93,10 @@ class Registry:
             if self._scans_started > ticket:  # one started after we asked, and has finished
                 return self._specs
             self._scans_started += 1
-            return await anyio.to_thread.run_sync(self.scan)
+            specs = await anyio.to_thread.run_sync(self.scan)
+        if self.on_refresh is not None:
+            self.on_refresh(specs)
+        return specs
 
     def scan(self) -> dict[str, ModelSpec]:
         """Re-read the directory now, on this thread; returns the models by id."""
@@ -149,11 +155,13 @@ class Registry:
             if not target.is_relative_to(self.models_dir.resolve()):
                 log.warning("skipping %s: symlink leads outside the models dir", name)
                 return None
-        key = (st.st_mtime_ns, st.st_size)
+        key = (st.st_mtime_ns, st.st_size, st.st_ino)
         cached = self._cache.get(path)
         if cached is not None and cached[0] == key:
             return cached[1]
         spec = self._read_spec(name, path, st, split)
+        if spec is not None:
+            spec = replace(spec, stamp=key)
         self._cache[path] = (key, spec)
         return spec
 

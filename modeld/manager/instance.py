@@ -48,6 +48,9 @@ class Instance:
     retry_at: float = 0.0
     gen_ms: float | None = None  # running average of generation times
     load_done: anyio.Event | None = None  # set when the load under way ends
+    # The file changed or went away while loaded: unload once idle, then use `next_spec`.
+    stale: str | None = None
+    next_spec: ModelSpec | None = None
 
     @property
     def model_id(self) -> str:

@@ -179,6 +179,9 @@ class Lifecycle:
         finally:
             inst.vram_mb = None
             inst.move(State.UNLOADED)
+            if inst.stale is not None:
+                inst.spec = inst.next_spec or inst.spec
+                inst.stale, inst.next_spec = None, None
             log.info(
                 "unloaded %s (%s): %d MB freed",
                 inst.model_id,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -237,6 +237,9 @@ class Manager:
             self._pumping = False
 
     def _pump_once(self) -> None:
+        for inst in list(self.instances.values()):
+            if inst.stale and inst.state is State.READY and inst.inflight == 0:
+                self._lifecycle.start_unload(inst, inst.stale)
         order = sorted(
             (i for i in self.instances.values() if i.queue),
             key=lambda i: i.queue[0].enqueued_at,
@@ -307,11 +310,30 @@ class Manager:
         if inst is None:
             inst = Instance(spec, pinned=spec.id in self.config.pinned)
             self.instances[spec.id] = inst
-        elif inst.spec != spec and inst.state in (State.UNLOADED, State.ERROR):
-            inst.spec = spec  # the file changed on disk: use what is there now
-            if inst.state is State.ERROR:
-                inst.retry_at = 0.0
+        else:
+            self._follow_file(inst, spec)
         return inst
+
+    def reconcile(self, specs: Mapping[str, ModelSpec]) -> None:
+        """After a rescan: instances whose file changed or went away are unloaded.
+
+        An idle one at once; a busy one when its running request ends (requests queued
+        for it then get the new file). Unloaded ones simply use the new file next time.
+        """
+        for inst in list(self.instances.values()):
+            self._follow_file(inst, specs.get(inst.model_id))
+        self._pump()
+
+    def _follow_file(self, inst: Instance, spec: ModelSpec | None) -> None:
+        if spec == inst.spec:
+            return
+        if inst.state in (State.UNLOADED, State.ERROR):
+            if spec is not None:
+                inst.spec = spec  # use what is on disk now
+                inst.retry_at = 0.0
+        elif inst.state in (State.READY, State.LOADING):
+            inst.stale = "file removed" if spec is None else "file changed"
+            inst.next_spec = spec
 
     def _forget_if_unused(self, inst: Instance) -> None:
         """Drop an instance that was never loaded and has nobody: /status lists no ghosts."""
