@@ -31,6 +31,7 @@ GGUF_SUFFIX = ".gguf"
 SPLIT_RE = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 Estimator = Callable[[ModelInfo | None, int], int]
+OUTSIDE_LINK = "symlink leads outside the models dir (modeld serves it with --follow-symlinks)"
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,8 @@ class Registry:
             spec = self.lookup(name)
         if spec is None:
             raise ModelNotFound(f"no model {name!r} in the models dir", param="model")
+        if spec.invalid == OUTSIDE_LINK:  # never served: it is not a model of this dir
+            raise ModelNotFound(f"model {spec.id!r} is a {OUTSIDE_LINK}", param="model")
         return spec
 
     def lookup(self, name: str) -> ModelSpec | None:
@@ -147,14 +150,18 @@ class Registry:
         path = self.models_dir / name
         try:
             lst = os.lstat(path)
+        except OSError:
+            return None  # gone since the listing
+        try:
             st = os.stat(path)
         except OSError:
+            if stat.S_ISLNK(lst.st_mode):
+                return ModelSpec(name, path, 0, 0, invalid="symlink to a missing file")
             return None
         if stat.S_ISLNK(lst.st_mode) and not self._follow_symlinks:
             target = path.resolve()
             if not target.is_relative_to(self.models_dir.resolve()):
-                log.warning("skipping %s: symlink leads outside the models dir", name)
-                return None
+                return ModelSpec(name, path, 0, 0, invalid=OUTSIDE_LINK)
         key = (st.st_mtime_ns, st.st_size, st.st_ino)
         cached = self._cache.get(path)
         if cached is not None and cached[0] == key:

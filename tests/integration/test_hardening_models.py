@@ -6,6 +6,7 @@ daemon, or another model's stream, down with it.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
 import time
@@ -207,13 +208,18 @@ def test_request_targets_are_matched_exactly(daemon: Daemon, via: str, target: s
     assert [r.status for r in responses] in ([404], [400]), (target, responses)
 
 
-def test_a_symlink_leading_outside_is_neither_listed_nor_served(daemon: Daemon, via: str) -> None:
+def test_a_symlink_leading_outside_is_listed_as_unservable_and_never_served(
+    daemon: Daemon, via: str
+) -> None:
     client = daemon.client(via)
-    ids = {m["id"] for m in client.get("/models").json()["models"]}
-    assert ids == {"tiny.gguf", "alias.gguf"}, ids
+    servable = {m["id"] for m in client.get("/models").json()["models"] if not m["error"]}
+    assert servable == {"tiny.gguf", "alias.gguf"}, servable
+    listed = entry(client, "out.gguf")
+    assert listed is not None and "--follow-symlinks" in listed["error"], listed
     resp = client.infer(model="out.gguf", prompt="hi", **SHORT)
     assert resp.status == 404, resp.body
-    assert resp.json()["error"]["code"] == "model_not_found"
+    error = resp.json()["error"]
+    assert error["code"] == "model_not_found" and "--follow-symlinks" in error["message"]
 
 
 def test_a_symlink_inside_the_models_dir_is_served(daemon: Daemon, via: str) -> None:
@@ -390,3 +396,36 @@ def test_a_worker_that_crashes_while_loading_fails_the_load(hang_daemon: Daemon)
     stream_to_end(client, {"model": "good", "prompt": "hi", **SHORT})
     daemon_alive(daemon)
     no_stray_workers(daemon)
+
+
+# ---- files that change while their model is loaded ---------------------------------------
+
+
+def _greedy_text(client: Client, model: str) -> str:
+    resp = client.infer(model=model, prompt="hi", stream=False, **SHORT)
+    assert resp.status == 200, resp.body
+    return str(resp.json()["text"])
+
+
+def test_a_replaced_file_is_reloaded_and_a_removed_one_unloaded_after_sighup(
+    model_store: ModelStore, tmp_path: Path
+) -> None:
+    old, new = model_store.get("tiny", seed=11), model_store.get("tiny", seed=12)
+    models = model_store.models_dir(tmp_path / "models", {"m.gguf": old})
+    shutil.copyfile(new, models / "ref.gguf")  # a copy: its own inode, its own worker
+    with running(models, "--no-spare-worker") as daemon:
+        client = daemon.client()
+        before, expected = _greedy_text(client, "m"), _greedy_text(client, "ref")
+        assert before != expected  # two different models
+        pid = worker_for(daemon, models / "m.gguf")
+        link(new, models / "m.gguf")  # replaced in place (a rename over the old file)
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: not alive(pid), "the worker of the replaced file to exit")
+        assert _greedy_text(client, "m") == expected  # served from the new file
+        pid = worker_for(daemon, models / "m.gguf")
+        os.unlink(models / "m.gguf")
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: not alive(pid), "the worker of the removed file to exit")
+        assert entry(client, "m.gguf") is None
+        assert client.infer(model="m", prompt="hi", **SHORT).status == 404

@@ -87,8 +87,15 @@ def test_symlinks_outside_the_dir_need_follow_symlinks(tmp_path: Path, tiny: Pat
     shutil.copy(tiny, models / "inside.gguf")
     (models / "in-link.gguf").symlink_to(models / "inside.gguf")
     (models / "out-link.gguf").symlink_to(tiny)
-    assert sorted(Registry(models).scan()) == ["in-link.gguf", "inside.gguf"]
-    assert sorted(Registry(models, follow_symlinks=True).scan()) == [
+    (models / "dangling.gguf").symlink_to(models / "gone.gguf")
+    specs = Registry(models).scan()
+    valid = sorted(i for i, s in specs.items() if s.invalid is None)
+    assert valid == ["in-link.gguf", "inside.gguf"]
+    out = specs["out-link.gguf"]  # listed, never served, and the reason says what to do
+    assert out.invalid and "--follow-symlinks" in out.invalid and out.size_bytes == 0
+    assert specs["dangling.gguf"].invalid == "symlink to a missing file"
+    specs = Registry(models, follow_symlinks=True).scan()
+    assert sorted(i for i, s in specs.items() if s.invalid is None) == [
         "in-link.gguf",
         "inside.gguf",
         "out-link.gguf",

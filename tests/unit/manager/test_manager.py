@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -350,3 +352,31 @@ async def test_a_cold_model_is_not_starved_by_a_busy_queue_behind_it() -> None:
         await settle()
     assert order == ["a1", "b1", "a2"]
     assert backend.closed[:2] == ["a", "b"]  # a made room for b, then b for a again
+
+
+async def test_a_changed_file_unloads_an_idle_instance_and_reloads_on_demand() -> None:
+    backend = FakeBackend()
+    async with running(backend) as m:
+        await generate(m, "a")
+        changed = dataclasses.replace(spec("a"), stamp=(1, 2, 3))
+        m.reconcile({"a": changed})
+        await anyio.sleep(1)
+        assert backend.closed == ["a"]
+        assert m.instances["a"].spec == changed  # the next load uses the file on disk
+        await generate(m, "a")
+        assert backend.loads == ["a", "a"]
+
+
+async def test_a_removed_file_unloads_a_busy_instance_once_its_request_ends() -> None:
+    backend = FakeBackend()
+    hold = anyio.Event()
+    async with running(backend) as m, anyio.create_task_group() as tg:
+        tg.start_soon(functools.partial(generate, m, "a", hold=hold))
+        await anyio.sleep(1)  # loaded, and the request holds its turn
+        m.reconcile({})
+        await settle()
+        assert m.instances["a"].state is State.READY and backend.closed == []
+        hold.set()
+        await anyio.sleep(1)
+        assert backend.closed == ["a"]
+        assert str(m.instances["a"].state) == "unloaded"
