@@ -4,7 +4,8 @@ Pure (no llama.cpp): the worker feeds each sampled token's bytes to `TextStream.
 sends whatever text comes back. Two things are held back until they are settled:
 
 - bytes that end in the middle of a multi-byte UTF-8 sequence (an incremental decoder
-  keeps them; invalid bytes become U+FFFD);
+  keeps them; invalid bytes become U+FFFD). A character still unfinished when generation
+  ends (cut by max_tokens) is dropped: half a character is no text;
 - a tail of text that could be the beginning of a stop string. When a stop string is
   complete, everything from its first character on is dropped and `stopped` turns true.
 
@@ -106,7 +107,5 @@ class TextStream:
         return self._matcher.push(text)
 
     def finish(self) -> str:
-        """End of generation: return whatever was held back (a partial byte sequence as U+FFFD)."""
-        tail = self._decode(b"", True)
-        out = self._matcher.push(tail) if tail else ""
-        return out + self._matcher.flush()
+        """End of generation: release held-back text; an unfinished character is dropped."""
+        return self._matcher.flush()
