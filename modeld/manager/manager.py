@@ -181,7 +181,7 @@ class Manager:
         if len(inst.queue) >= self.config.max_queue_depth and not idle:
             self.rejected["queue_full"] += 1
             raise QueueFull(
-                f"{len(inst.queue)} requests already queued for model {inst.model_id!r}",
+                _queue_full_message(inst.model_id, len(inst.queue), self.config.max_queue_depth),
                 retry_after_ms=self._retry_after_ms(inst, len(inst.queue)),
             )
         if inst.state is State.ERROR and anyio.current_time() < inst.retry_at:
@@ -388,3 +388,10 @@ def _ewma(old: float | None, new: float) -> float:
 
 
 __all__ = ["Generation", "Lease", "Manager", "ManagerConfig"]
+
+
+def _queue_full_message(model_id: str, queued: int, depth: int) -> str:
+    if depth == 0:
+        return f"model {model_id!r} is busy and queueing is off (--max-queue-depth 0)"
+    plural = "" if queued == 1 else "s"
+    return f"{queued} request{plural} already queued for model {model_id!r} (the limit is {depth})"
