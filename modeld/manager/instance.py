@@ -47,6 +47,7 @@ class Instance:
     failures: int = 0
     retry_at: float = 0.0
     gen_ms: float | None = None  # running average of generation times
+    turn_started: float = 0.0  # when the running request got its turn
     load_done: anyio.Event | None = None  # set when the load under way ends
     # The file changed or went away while loaded: unload once idle, then use `next_spec`.
     stale: str | None = None

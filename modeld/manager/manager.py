@@ -211,10 +211,16 @@ class Manager:
         self._pump()
 
     def _retry_after_ms(self, inst: Instance | None, ahead: int) -> int:
-        """Estimate when a retry could succeed from the queue ahead and recent timings."""
+        """Estimate when a retry could succeed from the queue ahead and recent timings.
+
+        Each request ahead takes the recent average; the running one, what is left of it
+        (at least a tenth of the average, as it may run long).
+        """
         per = (inst.gen_ms if inst else None) or self._gen_ms or DEFAULT_GEN_MS
-        busy = 1 if inst is None or inst.inflight else 0
-        return int(per * (ahead + busy) or per)
+        if inst is None or not inst.inflight:
+            return int(per * ahead or per)
+        elapsed_ms = (anyio.current_time() - inst.turn_started) * 1000
+        return int(max(per - elapsed_ms, per / 10) + per * ahead)
 
     # ---- the scheduler ---------------------------------------------------------------
 
@@ -255,6 +261,7 @@ class Manager:
                 waiter = inst.queue.popleft()
                 waiter.granted = True
                 inst.inflight += 1
+                inst.turn_started = anyio.current_time()
                 waiter.event.set()
         for inst in order:
             if inst.queue and inst.state in (State.UNLOADED, State.ERROR):

@@ -122,6 +122,21 @@ async def test_queue_depth_limit_answers_429_with_a_hint() -> None:
         hold.set()
 
 
+async def test_the_retry_hint_counts_what_is_left_of_the_running_request() -> None:
+    backend = FakeBackend()  # a token every 10 ms
+    async with running(backend, max_queue_depth=1) as m, anyio.create_task_group() as tg:
+        await generate(m, "a", tokens=100)  # the average generation: 1,000 ms
+        tg.start_soon(generate, m, "a", 100)
+        await anyio.sleep(0.4)  # 400 ms into the running one
+        tg.start_soon(generate, m, "a")  # one waits
+        await settle()
+        with pytest.raises(QueueFull) as err:
+            await generate(m, "a")
+        # 600 ms left of the running one, then 1,000 ms for the one ahead
+        assert 1_550 <= err.value.retry_after_ms <= 1_650, err.value.retry_after_ms
+        assert err.value.headers() == [("Retry-After", "2")]
+
+
 async def test_max_wait_expires_with_queue_timeout() -> None:
     backend = FakeBackend()
     hold = anyio.Event()
