@@ -44,21 +44,32 @@ def _silence_stdout(env: Environment) -> None:
         os.close(devnull)
 
 
+def _reader_gone(ctx: click.Context) -> click.exceptions.Exit:
+    """`| head` stopped reading: no traceback, no message, exit 141 as SIGPIPE would."""
+    _silence_stdout(_environment(ctx))
+    return click.exceptions.Exit(ExitCode.BROKEN_PIPE)
+
+
 class ModelctlGroup(click.Group):
     """A group that maps client errors, Ctrl-C and a closed pipe to exit codes."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:  # `modelctl --help` and `--version` print here
+            return super().parse_args(ctx, args)
+        except BrokenPipeError:
+            raise _reader_gone(ctx) from None
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except ClientError as error:
-            env = _environment(ctx)
-            render.print_error(env, error)
+            with contextlib.suppress(BrokenPipeError):  # stderr gone too: the code still tells
+                render.print_error(_environment(ctx), error)
             raise click.exceptions.Exit(exit_code_for(error)) from None
         except KeyboardInterrupt:
             raise click.exceptions.Exit(ExitCode.INTERRUPTED) from None
         except BrokenPipeError:
-            _silence_stdout(_environment(ctx))
-            raise click.exceptions.Exit(ExitCode.ERROR) from None
+            raise _reader_gone(ctx) from None
 
 
 @click.group(cls=ModelctlGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -12,15 +12,18 @@ class ExitCode(IntEnum):
 
     OK = 0
     ERROR = 1  # any failure without a code of its own (bad answer, load failed, not ready)
-    USAGE = 2  # bad arguments; click's own code for usage errors
+    USAGE = 2  # bad arguments, caught by modelctl or refused by the daemon; click's own code
     MODEL_NOT_FOUND = 3  # the daemon has no such model (404 model_not_found)
     BUSY = 4  # 429: queue full, queue wait timed out or too many generations in flight
     UNREACHABLE = 5  # nothing answers on the socket or URL
     INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as shells report it
+    BROKEN_PIPE = 141  # the reader went away (`| head`): 128 + SIGPIPE, as for git or cat
 
 
 # Daemon error codes (docs/api.md) that have an exit code of their own; the rest are ERROR.
 _BY_ERROR_CODE: dict[str, ExitCode] = {
+    "invalid_request": ExitCode.USAGE,  # 400: a value the daemon refuses (`--temperature 150`)
+    "no_default_model": ExitCode.USAGE,  # 400: no `-m`, and the daemon has no default model
     "model_not_found": ExitCode.MODEL_NOT_FOUND,
     "queue_full": ExitCode.BUSY,
     "queue_timeout": ExitCode.BUSY,

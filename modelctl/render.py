@@ -9,6 +9,8 @@ is a terminal.
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -23,7 +25,8 @@ from rich.spinner import Spinner
 from rich.text import Text
 
 from modelctl.client import ClientError, DaemonError, Unreachable
-from modelctl.views import waiting_text
+from modelctl.schema import Outcome
+from modelctl.views import outcome_line, waiting_text
 
 PIPE_WIDTH = 1000  # console width when not a terminal: wide enough that tables never wrap
 SPINNER = "dots"  # rich spinner name: compact, and readable on any UTF-8 terminal
@@ -32,6 +35,9 @@ START_HINT = (
     "start it with `modeld`, or `systemctl --user start modeld.socket`; or point "
     "--socket/--url (MODELCTL_SOCKET/MODELCTL_URL) at the daemon that runs"
 )  # what to do when the daemon is unreachable
+ERROR_HINTS = {
+    "no_default_model": "name one with -m MODEL (`modelctl models` lists them)",
+}  # what to do about a daemon error, by its code
 
 
 def _isatty(stream: TextIO) -> bool:
@@ -39,6 +45,14 @@ def _isatty(stream: TextIO) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError):
         return False
+
+
+class _Console(Console):
+    """A rich Console that leaves a closed pipe to the `modelctl` group, which exits 141
+    quietly; rich's own handling would exit 1 behind its back."""
+
+    def on_broken_pipe(self) -> None:
+        raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
 
 
 @dataclass
@@ -83,7 +97,7 @@ class Environment:
 
     def _console(self, stream: TextIO, tty: bool) -> Console:
         width = self.width if self.width is not None else (None if tty else PIPE_WIDTH)
-        return Console(
+        return _Console(
             file=stream,
             force_terminal=tty,
             force_interactive=tty,
@@ -96,8 +110,13 @@ class Environment:
 
 
 def show(env: Environment, renderable: RenderableType) -> None:
-    """Print a view on stdout."""
-    env.out.print(renderable)
+    """Print a view on stdout; in a pipe as plain lines without trailing blanks."""
+    if env.interactive:
+        env.out.print(renderable)
+        return
+    with env.out.capture() as captured:
+        env.out.print(renderable)
+    write_data(env, "".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
 
 
 def write_data(env: Environment, text: str) -> None:
@@ -112,24 +131,34 @@ def notice(env: Environment, message: str) -> None:
 
 
 def print_error(env: Environment, error: ClientError) -> None:
-    """`error: <message>` on stderr, the daemon's code in dim, and a hint when useful."""
+    """`error: <message>` on stderr, the daemon's code in dim, and a hint when useful.
+
+    Each is one line, which the terminal wraps (as git's messages): no break is put inside
+    the message, or between it and its code."""
     line = Text.assemble(("error: ", "bold red"), str(error))
     if isinstance(error, DaemonError):
         line.append(f" ({error.code})", style="dim")
-    env.err.print(line)
-    if isinstance(error, Unreachable):
-        env.err.print(Text(f"hint: {START_HINT}", style="dim"))
+    env.err.print(line, soft_wrap=True)
+    hint = START_HINT if isinstance(error, Unreachable) else None
+    if isinstance(error, DaemonError):
+        hint = ERROR_HINTS.get(error.code)
+    if hint:
+        env.err.print(Text(f"hint: {hint}", style="dim"), soft_wrap=True)
 
 
-def waiting(env: Environment, model: str | None) -> AbstractContextManager[object]:
-    """A spinner with elapsed time on stderr while a request waits; nothing when piped."""
+def waiting(
+    env: Environment, model: str | None, whole: bool = False
+) -> AbstractContextManager[object]:
+    """A spinner with elapsed time on stderr while a request waits; nothing when piped.
+
+    It waits for the first token, or with `whole` for the whole answer."""
     if not (env.interactive and env.stderr_isatty):
         return nullcontext()
     spinner = Spinner(SPINNER, style="cyan")
     start = env.clock()
 
     def frame() -> RenderableType:
-        spinner.update(text=waiting_text(model, env.clock() - start))
+        spinner.update(text=waiting_text(model, env.clock() - start, whole))
         return spinner
 
     return Live(
@@ -143,7 +172,7 @@ def waiting(env: Environment, model: str | None) -> AbstractContextManager[objec
 
 
 class TextStream:
-    """Writes generated text to stdout as it arrives and ends it on a line of its own."""
+    """Writes generated text to stdout as it arrives, then ends it with a newline."""
 
     def __init__(self, env: Environment) -> None:
         self._env = env
@@ -162,16 +191,23 @@ class TextStream:
         self._at_line_start = text.endswith("\n")
 
     def finish(self) -> None:
-        """End the text with a newline unless it already ends with one."""
+        """The answer is complete: end it with a newline unless it ends with one already,
+        so an empty answer is one empty line, in a pipe as on a terminal."""
+        if not self._wrote or not self._at_line_start:
+            write_data(self._env, "\n")
+            self._wrote = self._at_line_start = True
+
+    def end_line(self) -> None:
+        """The answer broke off: end a started line, so a message after it has its own."""
         if self._wrote and not self._at_line_start:
             write_data(self._env, "\n")
             self._at_line_start = True
 
 
-def stats(env: Environment, line: Text) -> None:
+def stats(env: Environment, outcome: Outcome) -> None:
     """The dim stats line after a generation: shown to a person at a terminal only."""
     if env.interactive:
-        env.err.print(line)
+        env.err.print(outcome_line(outcome, width=env.err.width))
 
 
 def interrupted(env: Environment, stream: TextStream | None) -> None:
@@ -187,9 +223,8 @@ def live_view(env: Environment) -> Iterator[Callable[[RenderableType], None]]:
     if not env.interactive:
 
         def print_snapshot(renderable: RenderableType) -> None:
-            env.out.print(renderable)
-            env.out.print()
-            env.stdout.flush()
+            show(env, renderable)
+            write_data(env, "\n")
 
         yield print_snapshot
         return

@@ -12,6 +12,7 @@ from typing import Any
 
 # Below this, the first-to-last-token window is batching noise, not a decode time.
 MIN_DECODE_WINDOW_MS = 10.0
+MIB = 1024 * 1024  # the daemon's memory figures are MiB (docs/vram.md)
 
 
 def _obj(value: Any) -> Mapping[str, Any]:
@@ -155,6 +156,7 @@ class Outcome:
     load_ms: float | None
     ttft_ms: float | None
     total_ms: float | None
+    decode_ms: float | None = None  # first to last token, timed in the worker, when sent
 
     @classmethod
     def from_json(cls, value: Any) -> Outcome:
@@ -170,18 +172,25 @@ class Outcome:
             load_ms=_float(timings, "load_ms"),
             ttft_ms=_float(timings, "ttft_ms"),
             total_ms=_float(timings, "total_ms"),
+            decode_ms=_float(timings, "decode_ms"),
         )
 
     def tokens_per_second(self) -> float | None:
-        """Decode speed: tokens after the first over the time after the first token.
+        """Decode speed: tokens after the first over the time after the first token; None
+        below 2 tokens, where there is no "after the first" to time.
 
-        Tokens reach the daemon in batches, so for a short answer that window can be a
-        few microseconds wide; then the whole generation time is used instead.
+        That time is the worker's `decode_ms` when the daemon sends it, else `total_ms -
+        ttft_ms`. Tokens reach the daemon in batches, so for a short answer that window can
+        be a few microseconds wide; then the whole generation time is used instead.
         """
         n, ttft, total = self.completion_tokens, self.ttft_ms, self.total_ms
-        if n is None or n < 1 or ttft is None or total is None:
+        if n is None or n < 2:
             return None
-        if n >= 2 and total - ttft >= MIN_DECODE_WINDOW_MS:
+        if self.decode_ms is not None and self.decode_ms >= MIN_DECODE_WINDOW_MS:
+            return (n - 1) / (self.decode_ms / 1000)
+        if ttft is None or total is None:
+            return None
+        if total - ttft >= MIN_DECODE_WINDOW_MS:
             return (n - 1) / ((total - ttft) / 1000)
         generation_ms = total - (self.queue_ms or 0.0) - (self.load_ms or 0.0)
         return n / (generation_ms / 1000) if generation_ms > 0 else None

@@ -6,8 +6,12 @@ so every view is tested by rendering it into a string.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from rich import box
-from rich.console import Group, RenderableType
+from rich.cells import cell_len
+from rich.console import Console, ConsoleOptions, Group, JustifyMethod, RenderableType, RenderResult
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
@@ -15,6 +19,10 @@ from modelctl.schema import Instance, ModelInfo, Outcome, Status, Vram
 
 BAR_WIDTH = 40  # cells in the VRAM bar: fine-grained enough, fits an 80-column terminal
 NO_VALUE = "-"  # what a column shows for an unknown figure
+COLUMN_GAP = 3  # cells between two columns of `_table`: padding, blank divider, padding
+STATE_MIN_WIDTH = len("unloading")  # a squeezed STATE column still shows every state whole
+NAME_MIN_WIDTH = 16  # a squeezed model id still shows enough to tell models apart
+SEPARATOR = " · "  # between the parts of the stats line; it wraps only here
 
 # Colour of each instance/model state; unknown states are shown unstyled.
 STATE_STYLES: dict[str, str] = {
@@ -59,28 +67,58 @@ def fmt_ago(timestamp: float | None, now: float) -> str:
 
 
 def state_text(state: str, error: str | None = None) -> Text:
-    """A state, coloured; an error state carries its reason."""
+    """A state, coloured; an error state carries its reason, cut with `…` where the
+    column is too narrow (the whole reason is in `--json`)."""
     text = Text.assemble((state, STATE_STYLES.get(state, "")))
     if error:
         text.append(f" ({error})", style="dim")
     return text
 
 
-def _table(*headers: str) -> Table:
-    """A borderless table with bold headers: readable in a terminal and greppable in a pipe."""
+def _table(*headers: str, right: tuple[str, ...] = ()) -> Table:
+    """A borderless table with bold headers: readable in a terminal and greppable in a pipe.
+    Cells never wrap: a row is one line (`FittedTable` cuts cells to fit instead)."""
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold")
     for header in headers:
-        table.add_column(header, no_wrap=header in ("ID", "MODEL"))
+        justify: JustifyMethod = "right" if header in right else "left"
+        table.add_column(header, justify=justify, no_wrap=True, overflow="ellipsis")
     return table
+
+
+class FittedTable:
+    """A table that fits the width it is drawn at by cutting the cells of some columns
+    with `…`, rather than wrapping every cell of every column into fragments.
+
+    `give_way` lists (header, narrowest width): the first column shrinks first, down to
+    its narrowest, then the next. Everything fits in a pipe's wide console, uncut.
+    """
+
+    def __init__(self, table: Table, give_way: Sequence[tuple[str, int]]) -> None:
+        self.table = table
+        self.give_way = give_way
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        columns = self.table.columns
+        widths = []
+        for column in columns:
+            column.max_width = None
+            cells = [column.header, *column.cells]
+            widths.append(max(Measurement.get(console, options, c).maximum for c in cells))
+        excess = sum(widths) + COLUMN_GAP * (len(columns) - 1) - options.max_width
+        for header, narrowest in self.give_way:
+            index = next(i for i, column in enumerate(columns) if column.header == header)
+            cut = min(max(0, excess), max(0, widths[index] - narrowest))
+            if cut:
+                columns[index].max_width = widths[index] - cut
+                excess -= cut
+        yield self.table
 
 
 def models_table(models: list[ModelInfo]) -> RenderableType:
     """The `modelctl models` table: id, size, estimated and measured VRAM, state."""
     if not models:
         return Text("no models in the models dir", style="dim")
-    table = _table("ID", "SIZE", "EST VRAM", "VRAM", "STATE")
-    for column in table.columns[1:4]:
-        column.justify = "right"
+    table = _table("ID", "SIZE", "EST VRAM", "VRAM", "STATE", right=("SIZE", "EST VRAM", "VRAM"))
     for m in models:
         table.add_row(
             m.id,
@@ -89,7 +127,7 @@ def models_table(models: list[ModelInfo]) -> RenderableType:
             fmt_mb(m.vram_mb),
             state_text(m.state, m.error),
         )
-    return table
+    return FittedTable(table, [("STATE", STATE_MIN_WIDTH), ("ID", NAME_MIN_WIDTH)])
 
 
 def vram_bar(vram: Vram, width: int = BAR_WIDTH) -> Text:
@@ -126,18 +164,21 @@ def _counters_line(status: Status) -> Text:
 
 
 def _instance_vram(inst: Instance) -> str:
+    """Measured VRAM, or `~` the estimate while it is reserved; an instance in `error`
+    holds none (and the estimate of a file that would not load may be no estimate)."""
     if inst.vram_mb is not None:
         return fmt_mb(inst.vram_mb)
-    return f"~{inst.est_vram_mb} MB" if inst.est_vram_mb is not None else NO_VALUE
+    if inst.est_vram_mb is None or inst.state == "error":
+        return NO_VALUE
+    return f"~{inst.est_vram_mb} MB"
 
 
 def instances_table(instances: tuple[Instance, ...], now: float) -> RenderableType:
     """One row per instance: state, last used, VRAM, in flight, queue depth."""
     if not instances:
         return Text("no instances loaded", style="dim")
-    table = _table("MODEL", "STATE", "LAST USED", "VRAM", "IN FLIGHT", "QUEUE")
-    for column in table.columns[3:]:
-        column.justify = "right"
+    right = ("VRAM", "IN FLIGHT", "QUEUE")
+    table = _table("MODEL", "STATE", "LAST USED", "VRAM", "IN FLIGHT", "QUEUE", right=right)
     for inst in instances:
         model = Text(inst.model_id)
         if inst.pinned:
@@ -150,7 +191,7 @@ def instances_table(instances: tuple[Instance, ...], now: float) -> RenderableTy
             str(inst.inflight),
             str(inst.queue_depth),
         )
-    return table
+    return FittedTable(table, [("STATE", STATE_MIN_WIDTH), ("MODEL", NAME_MIN_WIDTH)])
 
 
 def status_view(status: Status, now: float) -> RenderableType:
@@ -163,16 +204,24 @@ def status_view(status: Status, now: float) -> RenderableType:
     )
 
 
-def outcome_line(outcome: Outcome) -> Text:
-    """The dim line after a generation: tokens, tokens/s, time to first token."""
+def _count(n: int) -> str:
+    return "no tokens" if n == 0 else "1 token" if n == 1 else f"{n} tokens"
+
+
+def outcome_parts(outcome: Outcome) -> list[str]:
+    """The figures of the stats line: tokens, tokens/s (from 2 tokens on: one token has no
+    rate), time to first token (or, with no token, the whole time), load, queue, model."""
     parts: list[str] = []
-    if outcome.completion_tokens is not None:
-        n = outcome.completion_tokens
-        parts.append(f"{n} token" if n == 1 else f"{n} tokens")
+    n = outcome.completion_tokens
+    if n is not None:
+        parts.append(_count(n))
     rate = outcome.tokens_per_second()
     if rate is not None:
         parts.append(f"{rate:.1f} tokens/s")
-    if outcome.ttft_ms is not None:
+    if n == 0:
+        if outcome.total_ms is not None:
+            parts.append(f"done in {fmt_ms(outcome.total_ms)}")
+    elif outcome.ttft_ms is not None:
         parts.append(f"first token {fmt_ms(outcome.ttft_ms)}")
     if outcome.load_ms:
         parts.append(f"load {fmt_ms(outcome.load_ms)}")
@@ -182,13 +231,32 @@ def outcome_line(outcome: Outcome) -> Text:
         parts.append("stopped at max tokens")
     if outcome.model:
         parts.append(outcome.model)
-    return Text(" · ".join(parts), style="dim")
+    return parts
 
 
-def waiting_text(model: str | None, elapsed_s: float) -> Text:
-    """The spinner's caption while a request waits for its turn or its model's load."""
+def join_wrapped(parts: list[str], width: int | None) -> str:
+    """Join with ` · `; where a line would pass `width`, break at a separator instead,
+    so no part is split ("stopped at max / tokens")."""
+    lines: list[str] = []
+    for part in parts:
+        if lines and (width is None or cell_len(lines[-1] + SEPARATOR + part) <= width):
+            lines[-1] += SEPARATOR + part
+        else:
+            lines.append(part)
+    return "\n".join(lines)
+
+
+def outcome_line(outcome: Outcome, width: int | None = None) -> Text:
+    """The dim stats line after a generation, broken at separators to fit `width`."""
+    return Text(join_wrapped(outcome_parts(outcome), width), style="dim")
+
+
+def waiting_text(model: str | None, elapsed_s: float, whole: bool = False) -> Text:
+    """The spinner's caption: it waits for the first token (queue, load, prompt), or with
+    `whole` (`--no-stream`) for the end of the generation too."""
     what = model or "the default model"
-    return Text.assemble(f"waiting for {what} ", (f"{elapsed_s:.1f}s", "dim"))
+    until = "finish" if whole else "start"
+    return Text.assemble(f"waiting for {what} to {until} answering ", (f"{elapsed_s:.1f}s", "dim"))
 
 
 def health_line(endpoint: str, ready: bool | None) -> Text:

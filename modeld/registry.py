@@ -52,7 +52,7 @@ class ModelSpec:
             "name": self.id,
             "path": str(self.path),
             "size_bytes": self.size_bytes,
-            "est_vram_mb": self.est_vram_mb,
+            "est_vram_mb": None if self.invalid else self.est_vram_mb,  # nothing to estimate
         }
 
 

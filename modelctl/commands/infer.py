@@ -19,7 +19,6 @@ from modelctl.client import ClientError, DaemonError, ProtocolError, Response
 from modelctl.context import App, complete_model_id, pass_app
 from modelctl.render import Environment, TextStream
 from modelctl.schema import Outcome
-from modelctl.views import outcome_line
 
 MAX_RETRY_WAIT_S = 60.0  # cap on one Retry-After wait, so a wild hint cannot hang a script
 DEFAULT_RETRY_WAIT_S = 1.0  # wait when a 429 carries no hint: the API's smallest Retry-After
@@ -29,13 +28,38 @@ STREAM_ACCEPT = "application/x-ndjson"  # ndjson events, not SSE
 def read_prompt(prompt: str | None, env: Environment) -> str:
     """The prompt: the argument, or stdin for `-` or when stdin is not a terminal."""
     if prompt is not None and prompt != "-":
-        return prompt
+        return _utf8(prompt, "the PROMPT argument")
     if prompt is None and env.stdin_isatty:
         raise click.UsageError("give a PROMPT, or pipe one on stdin")
-    text = env.stdin.read()
+    try:
+        text = env.stdin.read()
+    except UnicodeDecodeError as exc:  # a strict decoder; others keep bad bytes (see _utf8)
+        byte = exc.object[exc.start]
+        message = f"the prompt read from stdin is not valid {exc.encoding} (byte 0x{byte:02x})"
+        raise click.UsageError(message) from None
     if not text:
         raise click.UsageError("the prompt read from stdin is empty")
+    return _utf8(text, "the prompt read from stdin")
+
+
+def _utf8(text: str, what: str) -> str:
+    """Refuse text that cannot travel as UTF-8: bytes that were not, which Python keeps as
+    lone surrogates (U+DC80-U+DCFF) when it reads stdin or argv."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start]
+        byte = f"byte 0x{ord(bad) - 0xDC00:02x}" if 0xDC80 <= ord(bad) <= 0xDCFF else repr(bad)
+        raise click.UsageError(
+            f"{what} is not valid UTF-8 ({byte} at character {exc.start + 1})"
+        ) from None
     return text
+
+
+def _non_empty(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> object:
+    if any(value == "" for value in values):
+        raise click.BadParameter("a stop string cannot be empty", ctx, param)
+    return values
 
 
 def build_body(prompt: str, model: str | None, stream: bool, **options: Any) -> dict[str, Any]:
@@ -101,11 +125,13 @@ def print_stream(env: Environment, response: Response, as_json: bool) -> Outcome
         render.interrupted(env, text)
         raise
     except ClientError:
-        text.finish()  # the error message goes on a line of its own
+        text.end_line()  # the error message goes on a line of its own
         raise
-    text.finish()
     if outcome is None:
+        text.end_line()
         raise ProtocolError("the stream ended without a done event")
+    if not as_json:
+        text.finish()
     return outcome
 
 
@@ -132,7 +158,9 @@ def print_whole(env: Environment, raw: bytes, as_json: bool) -> Outcome:
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), help="Nucleus sampling.")
 @click.option("--top-k", type=click.IntRange(min=0), help="0 disables it.")
 @click.option("--seed", type=click.IntRange(min=0), help="Seed for reproducible sampling.")
-@click.option("--stop", multiple=True, help="Stop before this text (repeatable).")
+@click.option(
+    "--stop", multiple=True, callback=_non_empty, help="Stop before this text (repeatable)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the daemon's ndjson events as is.")
 @click.option("--no-stream", is_flag=True, help="Wait for the whole answer.")
 @click.option(
@@ -176,7 +204,7 @@ def infer(
         return client.request("POST", "/infer", json_body=body, headers=[("Accept", STREAM_ACCEPT)])
 
     decorate = env.interactive and not as_json
-    spinner = render.waiting(env, model) if decorate else nullcontext()
+    spinner = render.waiting(env, model, whole=no_stream) if decorate else nullcontext()
     if no_stream:
         with spinner, send_with_retry(env, send, retry) as response:
             raw = response.read()
@@ -187,4 +215,4 @@ def infer(
         with response:
             outcome = print_stream(env, response, as_json)
     if decorate:
-        render.stats(env, outcome_line(outcome))
+        render.stats(env, outcome)

@@ -461,7 +461,7 @@ def test_a_reader_that_goes_away_cancels_the_generation(daemon: Daemon) -> None:
         check=False,
     )
     assert len(result.stdout) == 20
-    assert result.returncode == 1, result.stderr  # ExitCode.ERROR: the output went nowhere
+    assert result.returncode == 141, result.stderr  # ExitCode.BROKEN_PIPE: 128 + SIGPIPE
     assert result.stderr == "", "no traceback, no message: the reader chose to stop"
     assert wait_until(daemon, "inflight", 0, timeout=5.0) < IDLE_LIMIT_S
     last = log_requests(daemon)[-1]

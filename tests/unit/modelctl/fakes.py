@@ -38,6 +38,7 @@ class Reply:
     chunks: list[bytes] | None = None  # a chunked body, one chunk each
     headers: list[tuple[str, str]] = field(default_factory=list)
     delay_s: float = 0.0  # before each chunk (and before the head of a whole body)
+    head_delay_s: float = 0.0  # before the head: the request waits (queue, load, prompt)
     repeat_last: int = 0  # send the last chunk this many more times (STREAM_FOREVER: no end)
     close_early: bool = False  # hang up after the chunks without ending the body
 
@@ -199,6 +200,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
 
     def _send(self, fake: FakeDaemon, reply: Reply) -> None:
+        time.sleep(reply.head_delay_s)
         self.send_response(reply.status)
         for name, value in reply.headers:
             self.send_header(name, value)
@@ -267,6 +269,22 @@ class Run:
     result: Result
 
 
+class ClosingPipe(io.StringIO):
+    """A stdout whose reader goes away (`| head -c LIMIT`): writes past `limit` characters
+    fail with BrokenPipeError, as a pipe's do once its read end is closed."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def write(self, text: str) -> int:
+        room = self.limit - self.tell()
+        if len(text) > room:
+            super().write(text[: max(0, room)])
+            raise BrokenPipeError(32, "Broken pipe")
+        return super().write(text)
+
+
 @dataclass
 class Terminal:
     """Options for a run: which streams are terminals, what stdin holds, a fake sleep."""
@@ -275,6 +293,8 @@ class Terminal:
     stdin_tty: bool = False
     stdout_tty: bool = False
     stderr_tty: bool = False
+    width: int = 100  # the terminal's columns (and a pipe's, in these tests)
+    stdout_limit: int | None = None  # the reader of stdout leaves after this many characters
     sleeps: list[float] = field(default_factory=list)
     max_sleeps: int | None = None  # raise KeyboardInterrupt at this many sleeps (for --watch)
     now: float = 1_764_355_260.0  # the wall clock: a minute after the fixtures' last_used
@@ -290,7 +310,8 @@ def run_cli(
 ) -> Run:
     """Run `modelctl ARGS` in-process over string buffers standing for the streams."""
     term = term or Terminal()
-    stdout, stderr = io.StringIO(), io.StringIO()
+    stdout = io.StringIO() if term.stdout_limit is None else ClosingPipe(term.stdout_limit)
+    stderr = io.StringIO()
     environment = Environment(
         stdin=io.StringIO(term.stdin),
         stdout=stdout,
@@ -298,7 +319,7 @@ def run_cli(
         stdin_isatty=term.stdin_tty,
         stdout_isatty=term.stdout_tty,
         stderr_isatty=term.stderr_tty,
-        width=100,
+        width=term.width,
         sleep=term.sleep,
         wall_clock=lambda: term.now,
     )

@@ -135,3 +135,55 @@ def test_health_unreachable_exits_5(tmp_path: object) -> None:
     run = run_cli(["--socket", f"{tmp_path}/no.sock", "health"])
     assert run.exit_code == ExitCode.UNREACHABLE
     assert "modeld" in run.stderr
+
+
+@pytest.mark.parametrize(
+    "args", [["models"], ["status"], ["status", "--watch"], ["health"]], ids=lambda a: " ".join(a)
+)
+def test_piped_views_have_no_trailing_blanks(
+    fake: FakeDaemon, sock_args: list[str], args: list[str]
+) -> None:
+    fake.route("GET", "/models", json_reply(MODELS))
+    fake.route("GET", "/status", json_reply(STATUS))
+    fake.route("GET", "/healthz", json_reply({"status": "ok"}))
+    fake.route("GET", "/readyz", json_reply({"ready": True}))
+    run = run_cli([*sock_args, *args], Terminal(max_sleeps=2))
+    assert run.exit_code == 0
+    assert run.stdout.strip()
+    assert [line for line in run.stdout.splitlines() if line != line.rstrip()] == []
+    assert run.stdout.endswith("\n")
+
+
+def test_models_shows_no_estimate_for_an_unreadable_file(
+    fake: FakeDaemon, sock_args: list[str]
+) -> None:
+    garbage = {
+        "id": "garbage.gguf",
+        "size_bytes": 100,
+        "est_vram_mb": None,  # a file the daemon cannot serve has no estimate
+        "state": "error",
+        "vram_mb": None,
+        "error": "bad magic (not a GGUF file)",
+    }
+    fake.route("GET", "/models", json_reply({"models": [garbage]}))
+    row = run_cli([*sock_args, "models"]).stdout.splitlines()[2]
+    assert row == "garbage.gguf   100 B          -      -   error (bad magic (not a GGUF file))"
+
+
+@pytest.mark.parametrize("args", [["models"], ["status"]])
+def test_a_long_error_reason_keeps_rows_on_one_line_at_80_columns(
+    fake: FakeDaemon, sock_args: list[str], args: list[str]
+) -> None:
+    reason = "llama.cpp could not load the file: unknown model architecture 'qwen3moe' " * 2
+    models = json.loads(json.dumps(MODELS))
+    models["models"][1]["error"] = reason
+    status = json.loads(json.dumps(STATUS))
+    status["instances"][0].update(state="error", error=reason, vram_mb=None)
+    fake.route("GET", "/models", json_reply(models))
+    fake.route("GET", "/status", json_reply(status))
+    run = run_cli([*sock_args, *args], Terminal(stdout_tty=True, stderr_tty=True, width=80))
+    lines = plain(run.stdout).splitlines()
+    assert all(len(line) <= 80 for line in lines), lines
+    (row,) = [line for line in lines if "error (" in line]  # the reason on one line, cut
+    assert "error (llama.cpp" in row and "…" in row
+    assert reason in run_cli([*sock_args, *args, "--json"]).stdout  # whole in --json

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -261,5 +265,203 @@ def test_terminal_shows_a_spinner_while_waiting(fake: FakeDaemon, sock_args: lis
     run = run_cli([*sock_args, "infer", "-m", "tiny.gguf", "--no-stream", "hi"], term)
     assert run.exit_code == 0
     assert run.stdout == "late\n"
-    assert "waiting for tiny.gguf" in plain(run.stderr)
+    # the daemon answers --no-stream only at the end: the spinner spans the generation too
+    assert "waiting for tiny.gguf to finish answering" in plain(run.stderr)
+    assert "start answering" not in plain(run.stderr)
     assert plain(run.stderr).rstrip().endswith("tiny.gguf")  # the stats line comes last
+
+
+def test_streaming_spinner_waits_for_the_first_token(
+    fake: FakeDaemon, sock_args: list[str]
+) -> None:
+    fake.route("POST", "/infer", stream_reply([*token_events("hi"), DONE], head_delay_s=0.3))
+    term = Terminal(stdout_tty=True, stderr_tty=True)
+    run = run_cli([*sock_args, "infer", "hi"], term)
+    assert run.exit_code == 0
+    assert "waiting for the default model to start answering" in plain(run.stderr)
+    assert "finish answering" not in plain(run.stderr)
+
+
+# ---- daemon-side usage errors ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--temperature", "150"], "'temperature' must be in [0, 100], got 150"),
+        (["--max-tokens", "2000000"], "'max_tokens' must be between 1 and 1048576, got 2000000"),
+    ],
+)
+def test_a_value_the_daemon_refuses_is_a_usage_error(
+    fake: FakeDaemon, sock_args: list[str], option: list[str], message: str
+) -> None:
+    param = option[0].removeprefix("--").replace("-", "_")
+    fake.route("POST", "/infer", error_reply(400, "invalid_request", message, param=param))
+    run = run_cli([*sock_args, "infer", *option, "hi"])
+    assert run.exit_code == ExitCode.USAGE  # as for `--temperature -1`, caught by modelctl
+    assert run.stdout == ""
+    assert run.stderr == f"error: {message} (invalid_request)\n"
+
+
+def test_an_invalid_request_error_event_is_a_usage_error(
+    fake: FakeDaemon, sock_args: list[str]
+) -> None:
+    bad = {"type": "error", "error": {"code": "invalid_request", "message": "no tokens"}}
+    fake.route("POST", "/infer", stream_reply([bad]))
+    assert run_cli([*sock_args, "infer", "hi"]).exit_code == ExitCode.USAGE
+
+
+def test_no_model_and_no_default_is_a_usage_error_with_a_hint(
+    fake: FakeDaemon, sock_args: list[str]
+) -> None:
+    message = "no 'model' given and modeld has no --default-model"
+    fake.route("POST", "/infer", error_reply(400, "no_default_model", message))
+    run = run_cli([*sock_args, "infer", "hi"])
+    assert run.exit_code == ExitCode.USAGE
+    assert run.stderr.splitlines() == [
+        f"error: {message} (no_default_model)",
+        "hint: name one with -m MODEL (`modelctl models` lists them)",
+    ]
+
+
+def test_a_long_error_is_one_line_the_terminal_wraps(
+    fake: FakeDaemon, sock_args: list[str]
+) -> None:
+    message = "model 'garbage.gguf' failed to load: bad magic (not a GGUF file)"
+    fake.route("POST", "/infer", error_reply(500, "model_load_failed", message))
+    term = Terminal(stdout_tty=True, stderr_tty=True, width=80)
+    run = run_cli([*sock_args, "infer", "-m", "garbage", "hi"], term)
+    assert plain(run.stderr).endswith(f"error: {message} (model_load_failed)\n")
+
+
+def test_prompt_too_long_stays_a_plain_error(fake: FakeDaemon, sock_args: list[str]) -> None:
+    fake.route("POST", "/infer", error_reply(400, "prompt_too_long", "9000 tokens > 8192"))
+    assert run_cli([*sock_args, "infer", "hi"]).exit_code == ExitCode.ERROR
+
+
+def test_an_empty_stop_string_is_refused_before_sending(
+    fake: FakeDaemon, sock_args: list[str]
+) -> None:
+    run = run_cli([*sock_args, "infer", "--stop", ".", "--stop", "", "hi"])
+    assert run.exit_code == ExitCode.USAGE
+    assert "--stop" in run.stderr and "empty" in run.stderr
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize(
+    ("args", "stdin", "what"),
+    [
+        ([], "ab\udcffcd", "the prompt read from stdin"),  # byte 0xff, as Python reads it
+        (["-"], "ok\udcc3", "the prompt read from stdin"),
+        (["ab\udcffcd"], "", "the PROMPT argument"),  # argv decodes the same way
+    ],
+)
+def test_a_prompt_that_is_not_utf8_is_a_usage_error(
+    fake: FakeDaemon, sock_args: list[str], args: list[str], stdin: str, what: str
+) -> None:
+    run = run_cli([*sock_args, "infer", *args], Terminal(stdin=stdin))
+    assert run.exit_code == ExitCode.USAGE
+    assert f"{what} is not valid UTF-8 (byte 0x" in run.stderr
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize("errors", ["strict", "surrogateescape"])
+def test_bytes_on_stdin_that_are_not_utf8(fake: FakeDaemon, errors: str) -> None:
+    # A real process: how Python decodes stdin depends on the locale; either way, exit 2.
+    repo = Path(__file__).resolve().parents[3]
+    env = {**os.environ, "PYTHONPATH": str(repo), "PYTHONIOENCODING": f"utf-8:{errors}"}
+    result = subprocess.run(
+        [sys.executable, "-m", "modelctl", "--socket", str(fake.socket_path), "infer"],
+        input=b"ab\xffcd",
+        capture_output=True,
+        cwd=repo,
+        env=env,
+        timeout=10,
+        check=False,
+    )
+    assert result.returncode == ExitCode.USAGE, result.stderr
+    assert b"the prompt read from stdin is not valid utf-8 (byte 0xff" in result.stderr.lower()
+    assert b"Traceback" not in result.stderr
+    assert fake.requests == []
+
+
+# ---- the newline at the end ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tty", [False, True], ids=["pipe", "terminal"])
+def test_an_empty_answer_is_one_empty_line(
+    fake: FakeDaemon, sock_args: list[str], tty: bool
+) -> None:
+    nothing = DONE | {"usage": {"prompt_tokens": 6, "completion_tokens": 0}}
+    fake.route("POST", "/infer", stream_reply([nothing]))
+    term = Terminal(stdout_tty=tty, stderr_tty=tty)
+    run = run_cli([*sock_args, "infer", "--stop", "x", "hi"], term)
+    assert (run.exit_code, run.stdout) == (0, "\n")
+    if tty:
+        assert plain(run.stderr).rstrip().splitlines()[-1].startswith("no tokens · done in ")
+
+
+def test_an_empty_whole_answer_is_one_empty_line(fake: FakeDaemon, sock_args: list[str]) -> None:
+    whole = {k: v for k, v in DONE.items() if k != "type"} | {"text": ""}
+    fake.route("POST", "/infer", json_reply(whole))
+    assert run_cli([*sock_args, "infer", "--no-stream", "hi"]).stdout == "\n"
+
+
+def test_text_keeps_its_own_final_newlines(fake: FakeDaemon, sock_args: list[str]) -> None:
+    fake.route("POST", "/infer", stream_reply([*token_events("a\n", "\n"), DONE]))
+    assert run_cli([*sock_args, "infer", "hi"]).stdout == "a\n\n"  # the model's, as is
+
+
+def test_json_gets_no_newline_of_its_own(fake: FakeDaemon, sock_args: list[str]) -> None:
+    fake.route("POST", "/infer", stream_reply([DONE]))
+    run = run_cli([*sock_args, "infer", "--json", "hi"])
+    assert run.stdout == json.dumps(DONE) + "\n"
+
+
+def test_an_error_before_any_text_leaves_stdout_empty(
+    fake: FakeDaemon, sock_args: list[str]
+) -> None:
+    crash = {"type": "error", "error": {"code": "worker_crashed", "message": "worker died"}}
+    fake.route("POST", "/infer", stream_reply([crash]))
+    run = run_cli([*sock_args, "infer", "hi"])
+    assert (run.exit_code, run.stdout) == (ExitCode.ERROR, "")
+
+
+def test_a_stream_cut_before_any_text_leaves_stdout_empty(
+    fake: FakeDaemon, sock_args: list[str]
+) -> None:
+    fake.route("POST", "/infer", stream_reply([]))
+    run = run_cli([*sock_args, "infer", "hi"])
+    assert (run.exit_code, run.stdout) == (ExitCode.ERROR, "")
+
+
+# ---- the stats line --------------------------------------------------------------------------
+
+
+def test_a_single_token_has_no_rate(fake: FakeDaemon, sock_args: list[str]) -> None:
+    one = DONE | {
+        "usage": {"prompt_tokens": 6, "completion_tokens": 1},
+        "timings": {"queue_ms": 0.0, "load_ms": 0.0, "ttft_ms": 1.1, "total_ms": 1.1},
+    }
+    fake.route("POST", "/infer", stream_reply([*token_events("Paris"), one]))
+    run = run_cli([*sock_args, "infer", "x"], Terminal(stdout_tty=True, stderr_tty=True))
+    stats = plain(run.stderr).strip().splitlines()[-1]
+    assert stats == "1 token · first token 1 ms · stopped at max tokens · tiny.gguf"
+
+
+def test_the_stats_line_breaks_between_figures_at_80_columns(
+    fake: FakeDaemon, sock_args: list[str]
+) -> None:
+    slow = DONE | {
+        "model": "smollm2-360m-instruct-q8_0.gguf",
+        "usage": {"prompt_tokens": 6, "completion_tokens": 128},
+        "timings": {"queue_ms": 3000.0, "load_ms": 1200.0, "ttft_ms": 4300.0, "total_ms": 6840},
+    }
+    fake.route("POST", "/infer", stream_reply([*token_events("x"), slow]))
+    term = Terminal(stdout_tty=True, stderr_tty=True, width=80)
+    run = run_cli([*sock_args, "infer", "x"], term)
+    lines = plain(run.stderr).strip().splitlines()[-2:]
+    assert lines == [
+        "128 tokens · 50.0 tokens/s · first token 4.3 s · load 1.2 s · queued 3.0 s",
+        "stopped at max tokens · smollm2-360m-instruct-q8_0.gguf",
+    ]
