@@ -52,20 +52,20 @@ def _socket(ctx: click.Context, param: click.Parameter, value: str | None) -> Pa
 )
 @click.option(
     "--models-dir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=click.Path(path_type=Path),  # checked by the daemon: one line naming the path
     default=Path("~/models/llm"),
-    help="Directory scanned for *.gguf models.",
+    help="Directory scanned for *.gguf models; it must exist.",
 )
 @click.option("--default-model", default=None, help="Model used when a request names none.")
 @click.option(
     "--listen",
     default=DEFAULT_LISTEN,
     callback=_listen,
-    help="TCP HOST:PORT to serve on ('none' to turn TCP off).",
+    help="TCP HOST:PORT to serve on ('none' to turn TCP off); there is no authentication, "
+    "so a non-loopback address lets other machines in.",
 )
 @click.option(
     "--socket",
-    "socket_path",
     default=None,
     callback=_socket,
     help="Unix socket path ('none' to turn it off)  [default: $XDG_RUNTIME_DIR/modeld/modeld.sock]",
@@ -117,7 +117,7 @@ def _socket(ctx: click.Context, param: click.Parameter, value: str | None) -> Pa
     "--max-wait-ms",
     type=click.IntRange(min=1),
     default=30_000,
-    help="Longest wait for a turn before 429 queue_timeout.",
+    help="Longest wait for a turn or for room to load before 429 queue_timeout.",
 )
 @click.option(
     "--max-inflight",
@@ -208,7 +208,11 @@ def _socket(ctx: click.Context, param: click.Parameter, value: str | None) -> Pa
 )
 @click.version_option(__version__, prog_name="modeld")
 def command(**opts: object) -> None:
-    """Serve llama.cpp models from a directory within a memory budget."""
+    """Serve llama.cpp models from a directory within a memory budget.
+
+    Every option can also be set in the environment as MODELD_<OPTION>: MODELD_SOCKET
+    for --socket, MODELD_MAX_WAIT_MS for --max-wait-ms, and so on.
+    """
     from modeld.daemon import Daemon, StartupError
     from modeld.service.logs import setup_logging
 
@@ -222,6 +226,7 @@ def command(**opts: object) -> None:
         "send_timeout_s",
     )
     limits = Limits(**{k: opts.pop(k) for k in limit_keys})  # type: ignore[arg-type]
+    opts["socket_path"] = opts.pop("socket")  # the option is --socket, so MODELD_SOCKET
     setup_logging(str(opts["log_level"]), str(opts["log_format"]))
     cfg = Config(limits=limits, **opts)  # type: ignore[arg-type]
     try:

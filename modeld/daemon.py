@@ -1,8 +1,10 @@
 """The daemon: listeners, manager and backend wired together, plus signals and systemd.
 
-Theory of operation: `run()` scans the registry, opens (or inherits from systemd) the
-listeners, starts the backend and the manager, accepts connections into a task group of
-their own, and tells systemd it is ready once preloads are done. On SIGTERM/SIGINT it
+Theory of operation: `run()` checks the models dir (one that cannot be listed stops the
+start), scans it, reports models named by options that it lacks, opens (or inherits from
+systemd) the listeners, starts the backend and the manager, accepts connections into a
+task group of their own, and tells systemd it is ready once preloads are done. A start
+that fails half-way closes what it opened and removes its socket file. On SIGTERM/SIGINT it
 stops accepting, lets running requests finish for `--shutdown-grace-s`, then ends what is
 left with a `shutting_down` event, stops every worker and returns 0. A second signal
 exits at once. SIGHUP rescans the models dir.
@@ -24,13 +26,14 @@ import anyio.abc
 import anyio.streams.stapled
 
 from modeld.api.app import App, AppState, is_loopback_host
+from modeld.api.infer import describe_available
 from modeld.api.openai import install as install_openai
 from modeld.config import Config
 from modeld.gguf.estimate import estimate_vram_mb
 from modeld.gguf.info import ModelInfo
 from modeld.http.server import ConnectionSlots, ConnInfo, serve_connection
 from modeld.manager.manager import Manager, ManagerConfig
-from modeld.registry import Estimator, ModelSpec, Registry, size_only_estimate
+from modeld.registry import GGUF_SUFFIX, Estimator, ModelSpec, Registry, size_only_estimate
 from modeld.service import systemd
 from modeld.vram import detect_budget
 from modeld.worker.client import WorkerSettings
@@ -41,6 +44,15 @@ log = logging.getLogger("modeld")
 DRAIN_POLL_S = 0.05  # how often shutdown checks whether running requests have finished
 FLUSH_AFTER_SHUTDOWN_S = 1.0  # time connections get to write their final events
 STATUS_EVERY_S = 5.0  # how often systemd's STATUS= line is refreshed
+
+
+# What a model named on the command line but missing from the models dir means, per option.
+MISSING_CONSEQUENCE = {
+    "--default-model": "; requests without 'model' get 404 and /readyz answers 503 until it "
+    "appears and is loaded",
+    "--preload": "; not preloaded (it loads on first use once it appears)",
+    "--pin": "; pinned once it appears",
+}
 
 
 class StartupError(Exception):
@@ -69,50 +81,62 @@ def _remove_socket_file(item: OpenListener) -> None:
 
 async def _open_listeners(cfg: Config) -> list[OpenListener]:
     inherited = systemd.listen_fds()
-    out: list[OpenListener] = []
     if inherited:
-        for inh in inherited:
-            sock = inh.sock
-            sock.setblocking(False)
-            listener = await anyio.abc.SocketListener.from_socket(sock)
-            if inh.family == socket.AF_UNIX:
-                out.append(
-                    OpenListener(
-                        listener, ConnInfo("unix", False), f"unix:{sock.getsockname()} (systemd)"
-                    )
-                )
-            else:
-                host = str(sock.getsockname()[0])
-                out.append(
-                    OpenListener(
-                        listener,
-                        ConnInfo("tcp", is_loopback_host(host)),
-                        f"tcp:{host}:{sock.getsockname()[1]} (systemd)",
-                    )
-                )
-        return out
-    if cfg.socket_path is not None:
-        out.append(await _open_unix(cfg.socket_path, cfg.socket_mode))
-    if cfg.listen is not None:
-        host, port = cfg.listen
-        try:
-            multi = await anyio.create_tcp_listener(
-                local_host=host, local_port=port, reuse_port=False
-            )
-        except OSError as exc:
-            for item in out:
-                await item.listener.aclose()
-            raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-        subs = multi.listeners
-        for sub in subs:
-            assert isinstance(sub, anyio.abc.SocketListener)
-            addr = sub.extra(anyio.abc.SocketAttribute.local_address)
-            label = (
-                f"tcp:[{addr[0]}]:{addr[1]}" if ":" in str(addr[0]) else f"tcp:{addr[0]}:{addr[1]}"
-            )
-            out.append(OpenListener(sub, ConnInfo("tcp", is_loopback_host(str(addr[0]))), label))
+        return [await _adopt(inh) for inh in inherited]
+    out: list[OpenListener] = []
+    try:
+        if cfg.socket_path is not None:
+            out.append(await _open_unix(cfg.socket_path, cfg.socket_mode))
+        if cfg.listen is not None:
+            out.extend(await _open_tcp(*cfg.listen))
+    except BaseException:
+        # A start that fails half-way leaves nothing behind: no socket file, no listener.
+        await _close_listeners(out)
+        raise
     if not out:
         raise StartupError("no listener: give --socket and/or --listen")
+    return out
+
+
+async def _close_listeners(listeners: list[OpenListener]) -> None:
+    """Close listeners and remove our socket files; safe to call more than once."""
+    with anyio.CancelScope(shield=True):
+        for item in listeners:
+            try:
+                await item.listener.aclose()
+            except OSError:
+                pass
+            _remove_socket_file(item)
+
+
+async def _adopt(inh: systemd.InheritedSocket) -> OpenListener:
+    """A listener systemd opened for us (socket activation)."""
+    sock = inh.sock
+    sock.setblocking(False)
+    listener = await anyio.abc.SocketListener.from_socket(sock)
+    if inh.family == socket.AF_UNIX:
+        return OpenListener(
+            listener, ConnInfo("unix", False), f"unix:{sock.getsockname()} (systemd)"
+        )
+    host = str(sock.getsockname()[0])
+    return OpenListener(
+        listener,
+        ConnInfo("tcp", is_loopback_host(host)),
+        f"tcp:{host}:{sock.getsockname()[1]} (systemd)",
+    )
+
+
+async def _open_tcp(host: str, port: int) -> list[OpenListener]:
+    try:
+        multi = await anyio.create_tcp_listener(local_host=host, local_port=port, reuse_port=False)
+    except OSError as exc:
+        raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    out = []
+    for sub in multi.listeners:
+        assert isinstance(sub, anyio.abc.SocketListener)
+        addr = sub.extra(anyio.abc.SocketAttribute.local_address)
+        label = f"tcp:[{addr[0]}]:{addr[1]}" if ":" in str(addr[0]) else f"tcp:{addr[0]}:{addr[1]}"
+        out.append(OpenListener(sub, ConnInfo("tcp", is_loopback_host(str(addr[0]))), label))
     return out
 
 
@@ -150,6 +174,44 @@ def _daemon_alive(path: Path) -> bool:
         probe.close()
 
 
+def _check_models_dir(path: Path) -> None:
+    """Refuse to start on a models dir that cannot be listed: a typo must not look like
+    an empty directory."""
+    try:
+        if not path.is_dir():
+            if path.exists():
+                raise StartupError(f"models dir {path} is not a directory")
+            raise StartupError(
+                f"models dir {path} does not exist; create it or give another --models-dir"
+            )
+        os.listdir(path)
+    except OSError as exc:
+        raise StartupError(f"cannot read models dir {path}: {exc.strerror}") from None
+
+
+def _warn_if_exposed(cfg: Config, listeners: list[OpenListener]) -> None:
+    """modeld has no authentication: say so loudly when others can reach it."""
+    for item in listeners:
+        if item.info.kind == "tcp" and not item.info.loopback_only:
+            log.warning(
+                "%s is reachable from other machines, without authentication (and without "
+                "the Host check of loopback listeners): anyone who can connect can load "
+                "models and run generations; firewall it or put an authenticating proxy in "
+                "front, or listen on 127.0.0.1",
+                item.label,
+                extra={"fields": {"event": "exposed", "listener": item.label}},
+            )
+    own_socket = any(item.unlink is not None for item in listeners)
+    if own_socket and cfg.socket_path is not None and cfg.socket_mode & 0o002:
+        log.warning(
+            "--socket-mode %04o lets every local user connect to %s, without authentication; "
+            "use 0600, or 0660 and a group",
+            cfg.socket_mode,
+            cfg.socket_path,
+            extra={"fields": {"event": "exposed", "listener": f"unix:{cfg.socket_path}"}},
+        )
+
+
 def _estimator(cfg: Config, gpu: bool) -> Estimator:
     """The registry's estimate: the GGUF formula at this daemon's settings."""
 
@@ -184,6 +246,7 @@ class Daemon:
 
     async def run(self) -> int:
         cfg = self.cfg
+        _check_models_dir(self.registry.models_dir)
         specs = self.registry.scan()
         log.info(
             "models dir %s: %d models; budget %d MB (%s), margin %d MB",
@@ -193,7 +256,18 @@ class Daemon:
             self.budget.source,
             cfg.vram_margin_mb,
         )
+        self._check_named_models()
         listeners = await _open_listeners(cfg)
+        try:
+            _warn_if_exposed(cfg, listeners)
+            await self._run(listeners)
+        finally:
+            await _close_listeners(listeners)
+        log.info("modeld stopped")
+        return 0
+
+    async def _run(self, listeners: list[OpenListener]) -> None:
+        cfg = self.cfg
         settings = WorkerSettings(
             n_ctx=cfg.n_ctx,
             n_gpu_layers=cfg.n_gpu_layers,
@@ -214,28 +288,22 @@ class Daemon:
             idle_unload_s=cfg.idle_unload_s,
             pinned=frozenset(self._resolve_ids(cfg.pin)),
         )
-        try:
-            async with ProcessBackend(settings, spare=cfg.spare_worker) as backend:
-                manager = Manager(backend, mcfg)
-                self.manager = manager
-                self.registry.on_refresh = manager.reconcile
-                app = App(AppState(self.registry, manager, self._default_id()))
-                install_openai(app)
-                async with anyio.create_task_group() as tg:
-                    await tg.start(manager.run)
-                    conn_tg_scope = await tg.start(self._serve, listeners, app)
-                    tg.start_soon(self._signals)
-                    tg.start_soon(self._systemd_status)
-                    # Preloads run beside the wait, so a SIGTERM during a slow one is obeyed.
-                    tg.start_soon(self._preload_and_notify, manager)
-                    await self.stopping.wait()
-                    await self._shutdown(manager, listeners, conn_tg_scope)
-                    tg.cancel_scope.cancel()
-        finally:
-            for item in listeners:
-                _remove_socket_file(item)
-        log.info("modeld stopped")
-        return 0
+        async with ProcessBackend(settings, spare=cfg.spare_worker) as backend:
+            manager = Manager(backend, mcfg)
+            self.manager = manager
+            self.registry.on_refresh = manager.reconcile
+            app = App(AppState(self.registry, manager, self._default_id()))
+            install_openai(app)
+            async with anyio.create_task_group() as tg:
+                await tg.start(manager.run)
+                conn_tg_scope = await tg.start(self._serve, listeners, app)
+                tg.start_soon(self._signals)
+                tg.start_soon(self._systemd_status)
+                # Preloads run beside the wait, so a SIGTERM during a slow one is obeyed.
+                tg.start_soon(self._preload_and_notify, manager)
+                await self.stopping.wait()
+                await self._shutdown(manager, listeners, conn_tg_scope)
+                tg.cancel_scope.cancel()
 
     def _default_id(self) -> str | None:
         if self.cfg.default_model is None:
@@ -244,11 +312,50 @@ class Daemon:
         return spec.id if spec else self.cfg.default_model
 
     def _resolve_ids(self, names: Iterable[str]) -> list[str]:
+        """Model ids for names given on the command line; a missing file keeps its name
+        (and the name with `.gguf`), so a pin applies once the file appears."""
         out = []
         for name in names:
             spec = self.registry.lookup(name)
-            out.append(spec.id if spec else name)
+            if spec is not None:
+                out.append(spec.id)
+                continue
+            out.append(name)
+            if not name.endswith(GGUF_SUFFIX):
+                out.append(name + GGUF_SUFFIX)
         return out
+
+    def _check_named_models(self) -> None:
+        """An ERROR for each model an option names that the models dir does not hold.
+
+        Not fatal: the file may be copied in later (the registry rescans on a miss), and a
+        daemon restarted in a loop by systemd would help nobody. Until it appears, requests
+        relying on it get 404 and, for --default-model, /readyz stays 503.
+        """
+        cfg = self.cfg
+        named = [("--default-model", cfg.default_model)] if cfg.default_model else []
+        named += [("--preload", name) for name in cfg.preload]
+        named += [("--pin", name) for name in cfg.pin]
+        for option, name in named:
+            if self.registry.lookup(name) is not None:
+                continue
+            available = describe_available(self.registry)
+            log.error(
+                "%s %r: no such model in the models dir %s (%s)%s",
+                option,
+                name,
+                self.registry.models_dir,
+                f"available: {available}" if available else "it holds no models",
+                MISSING_CONSEQUENCE.get(option, ""),
+                extra={
+                    "fields": {
+                        "event": "missing_model",
+                        "option": option,
+                        "model": name,
+                        "models_dir": str(self.registry.models_dir),
+                    }
+                },
+            )
 
     async def _preload_and_notify(self, manager: Manager) -> None:
         names = list(self.cfg.preload)
@@ -257,9 +364,7 @@ class Daemon:
         specs: list[ModelSpec] = []
         for name in names:
             spec = self.registry.lookup(name)
-            if spec is None:
-                log.warning("cannot preload %s: no such model in the models dir", name)
-            else:
+            if spec is not None:  # a missing one was reported by _check_named_models
                 specs.append(spec)
         if specs:
             systemd.notify_status(f"preloading {len(specs)} model(s)")
@@ -347,9 +452,7 @@ class Daemon:
     ) -> None:
         systemd.notify_stopping()
         self.slots.draining = True
-        for item in listeners:
-            await item.listener.aclose()
-            _remove_socket_file(item)
+        await _close_listeners(listeners)
         with anyio.move_on_after(self.cfg.shutdown_grace_s):
             while manager.inflight or any(i.queue for i in manager.instances.values()):
                 await anyio.sleep(DRAIN_POLL_S)

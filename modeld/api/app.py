@@ -11,7 +11,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +20,7 @@ import anyio
 from modeld.api.infer import handle_infer
 from modeld.errors import Forbidden, MethodNotAllowed, ModeldError, NotFound
 from modeld.http.protocol import Request
-from modeld.http.server import ClientGone, ConnInfo, Responder
+from modeld.http.server import ClientGone, ConnInfo, Responder, log_request
 from modeld.manager.manager import Manager
 from modeld.manager.states import State
 from modeld.registry import Registry
@@ -86,35 +85,15 @@ class App:
             self.routes.setdefault(path, {}).update(methods)
 
     async def __call__(self, request: Request, res: Responder, info: ConnInfo) -> None:
-        try:
-            await self._dispatch(request, res, info)
-        finally:
-            if request.path not in SELF_LOGGING:
-                level = logging.DEBUG if request.path in PROBES else logging.INFO
-                total_ms = round((time.monotonic() - request.received_at) * 1000, 2)
-                log.log(
-                    level,
-                    "%s %s %s",
-                    request.method,
-                    request.path,
-                    res.status or 499,
-                    extra={
-                        "fields": {
-                            "event": "request",
-                            "method": request.method,
-                            "path": request.path,
-                            "status": res.status or 499,
-                            "total_ms": total_ms,
-                        }
-                    },
-                )
-
-    async def _dispatch(self, request: Request, res: Responder, info: ConnInfo) -> None:
+        route: Route | None = None
+        outcome: str | None = None  # the error code answered, if any
         try:
             if info.loopback_only and not is_loopback_host(request.header("host") or ""):
                 raise Forbidden("the Host header must name a loopback address on this listener")
-            await self._route(request)(request, res)
+            route = self._route(request)
+            await route(request, res)
         except ModeldError as exc:
+            outcome = exc.code
             if not res.started:
                 await res.respond_error(exc, error_body(request.path, exc))
             else:
@@ -122,10 +101,23 @@ class App:
         except (ClientGone, anyio.get_cancelled_exc_class()):
             raise
         except Exception:
+            outcome = ModeldError.code
             log.exception("unhandled error serving %s %s", request.method, request.path)
             if not res.started:
                 error = ModeldError("internal error; see the daemon's log")
                 await res.respond_error(error, error_body(request.path, error))
+        finally:
+            # A generating route logs its own line, once it has been reached: a refusal
+            # before it (403, 405) is logged here like any other response.
+            if route is None or request.path not in SELF_LOGGING:
+                log_request(
+                    request.method,
+                    request.path,
+                    res.status or 499,
+                    request.received_at,
+                    outcome=outcome,
+                    level=logging.DEBUG if request.path in PROBES else logging.INFO,
+                )
 
     def _route(self, request: Request) -> Route:
         methods = self.routes.get(request.path)

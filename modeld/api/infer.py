@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import anyio
 
 from modeld.api import validate as v
-from modeld.errors import ModeldError, NoDefaultModel
+from modeld.errors import ModeldError, ModelNotFound, NoDefaultModel, PromptTooLong
 from modeld.http.protocol import Request
 from modeld.http.server import ClientGone, Responder
 from modeld.manager.backend import Failed, Finished, GenParams, LoadedInfo, Started, Tokens
@@ -37,6 +37,7 @@ SSE = "text/event-stream"
 NDJSON_TOKEN = '{"type":"token","text":%s}\n'
 SSE_TOKEN = 'event: token\ndata: {"type":"token","text":%s}\n\n'
 encode_string = json.encoder.encode_basestring  # what json.dumps(ensure_ascii=False) uses
+AVAILABLE_SHOWN = 10  # model ids a 404 lists; a big models dir is summed up, not dumped
 
 
 @dataclass(frozen=True)
@@ -53,9 +54,9 @@ def parse_infer(body: Any) -> InferRequest:
     params = GenParams(
         prompt=prompt,
         max_tokens=v.integer(body, "max_tokens", 128, lo=1, hi=v.MAX_TOKENS_CEILING) or 128,
-        temperature=v.number(body, "temperature", 0.8, lo=0.0, hi=100.0),
+        temperature=v.number(body, "temperature", 0.8, lo=0.0, hi=v.MAX_TEMPERATURE),
         top_p=v.number(body, "top_p", 0.95, lo=0.0, hi=1.0, lo_open=True),
-        top_k=v.integer(body, "top_k", 40, lo=0, hi=1 << 20) or 0,
+        top_k=v.integer(body, "top_k", 40, lo=0, hi=v.MAX_TOP_K) or 0,
         seed=v.integer(body, "seed", None, lo=0, hi=v.MAX_SEED),
         stop=v.stop_list(body),
     )
@@ -69,7 +70,30 @@ async def resolve_model(registry: Registry, name: str | None, default: str | Non
                 "no 'model' given and modeld has no --default-model", param="model"
             )
         name = default
-    return await registry.resolve(name)
+    try:
+        return await registry.resolve(name)
+    except ModelNotFound as exc:
+        available = describe_available(registry)
+        hint = f"available: {available}" if available else "it holds no models"
+        raise ModelNotFound(f"{exc.message}; {hint}", param="model") from None
+
+
+def describe_available(registry: Registry) -> str:
+    """The servable model ids, for messages: at most AVAILABLE_SHOWN, then how many in all."""
+    ids = sorted(spec.id for spec in registry.models() if spec.invalid is None)
+    if len(ids) <= AVAILABLE_SHOWN:
+        return ", ".join(ids)
+    return ", ".join(ids[:AVAILABLE_SHOWN]) + f", … ({len(ids)} in all)"
+
+
+def named_model(request: Request) -> str | None:
+    """The `model` a request body names, if it is a JSON object with a string there."""
+    try:
+        body = json.loads(request.body)
+    except (ValueError, RecursionError):
+        return None
+    model = body.get("model") if isinstance(body, dict) else None
+    return model if isinstance(model, str) else None
 
 
 def _ms(seconds: float) -> float:
@@ -86,8 +110,28 @@ class Outcome:
         self.queue_ms = 0.0
         self.load_ms = 0.0
         self.ttft_ms: float | None = None
-        self.decode_ms = 0.0
+        self.decode_ms: float | None = None  # the worker's figure, when it finished
+        self.first_token_at: float | None = None  # monotonic, when tokens reached the daemon
+        self.last_token_at: float | None = None
         self.tokens = 0
+
+    def tokens_arrived(self, count: int) -> None:
+        now = time.monotonic()
+        if self.first_token_at is None:
+            self.first_token_at = now
+            self.ttft_ms = _ms(now - self.request.received_at)
+        self.last_token_at = now
+        self.tokens += count
+
+    def decode_time_ms(self) -> float | None:
+        """First to last token: the worker's figure for a finished generation, else (cut
+        short by a hang-up, an unload, a shutdown) as the daemon saw the tokens arrive;
+        None when no token was made."""
+        if self.decode_ms is not None:
+            return self.decode_ms
+        if self.first_token_at is None or self.last_token_at is None:
+            return None
+        return _ms(self.last_token_at - self.first_token_at)
 
     def timings(self) -> dict[str, float]:
         """The `timings` object of a finished request."""
@@ -119,7 +163,7 @@ class Outcome:
                     "ttft_ms": self.ttft_ms,
                     "tokens": self.tokens,
                     "total_ms": total_ms,
-                    "decode_ms": self.decode_ms,
+                    "decode_ms": self.decode_time_ms(),
                     "outcome": self.how,
                 }
             },
@@ -138,6 +182,8 @@ async def track_request(
     except ModeldError as exc:
         outcome.how = exc.code
         error_status = exc.http_status
+        if outcome.model is None:  # refused before the model was resolved
+            outcome.model = named_model(request)
         raise
     except anyio.get_cancelled_exc_class():
         if res.client_gone:
@@ -185,6 +231,7 @@ async def run_generation(
     `params` may be a function of the loaded model's facts (a chat prompt needs the
     model's template). Anything raised before `sink.started` is a plain error response.
     """
+    prompt_field = "prompt" if isinstance(params, GenParams) else "messages"
     async with manager.acquire(spec) as lease:
         outcome.queue_ms, outcome.load_ms = round(lease.queue_ms, 2), round(lease.load_ms, 2)
         if not isinstance(params, GenParams):
@@ -192,19 +239,18 @@ async def run_generation(
         async with lease.generate(params) as gen:
             first = await gen.next()
             if isinstance(first, Failed):
-                raise first.error
+                raise _naming(first.error, prompt_field)
             assert isinstance(first, Started)
             await sink.started(first)
             while True:
                 event = await gen.next()
                 if isinstance(event, Tokens):
-                    if outcome.ttft_ms is None:
-                        outcome.ttft_ms = _ms(time.monotonic() - outcome.request.received_at)
-                    outcome.tokens += len(event.texts)
+                    outcome.tokens_arrived(len(event.texts))
                     await sink.tokens(event.texts)
                 elif isinstance(event, Finished):
                     outcome.tokens = event.completion_tokens
-                    outcome.decode_ms = round(event.decode_ms, 2)
+                    if event.finish_reason != "cancelled":
+                        outcome.decode_ms = round(event.decode_ms, 2)
                     outcome.how = event.finish_reason
                     await sink.finished(event)
                     return
@@ -213,6 +259,13 @@ async def run_generation(
                     outcome.how = event.error.code
                     await sink.failed(event.error)
                     return
+
+
+def _naming(error: ModeldError, prompt_field: str) -> ModeldError:
+    """A prompt the daemon built from chat `messages` is too long because of them."""
+    if isinstance(error, PromptTooLong) and error.param != prompt_field:
+        return PromptTooLong(error.message, param=prompt_field)
+    return error
 
 
 class Framer:

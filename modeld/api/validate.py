@@ -11,6 +11,8 @@ MAX_SEED = 2**32 - 1  # llama.cpp seeds are uint32
 MAX_STOPS = 16  # stop strings per request
 MAX_STOP_CHARS = 512  # length of one stop string
 MAX_TOKENS_CEILING = 1 << 20  # anything above any context is refused outright
+MAX_TEMPERATURE = 100.0  # /infer's ceiling: far past useful, so only typos are refused
+MAX_TOP_K = 1 << 20  # larger than any vocabulary
 
 
 def require_object(body: Any) -> dict[str, Any]:
@@ -94,7 +96,7 @@ def stop_list(body: dict[str, Any], name: str = "stop") -> tuple[str, ...]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
-        raise InvalidRequest(f"'{name}' must be a list of strings", param=name)
+        raise InvalidRequest(f"'{name}' must be a string or a list of strings", param=name)
     if len(value) > MAX_STOPS:
         raise InvalidRequest(f"'{name}' has {len(value)} entries, at most {MAX_STOPS}", param=name)
     for s in value:

@@ -7,6 +7,7 @@ feeding bytes and reading bytes. `modeld.http.server` is the thin shell doing th
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -24,6 +25,11 @@ from modeld.errors import (
 )
 
 SERVER_HEADER = ("Server", "modeld")
+# h11 quotes the offending bytes as a Python repr (`bytearray(b'HELLO')`); clients get
+# just the quoted text, cut to QUOTED_CHARS: enough to recognise, never a whole header.
+BYTES_LITERAL = r"""b('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")"""  # a bytes repr, either quote
+BYTES_REPR = re.compile(rf"bytearray\({BYTES_LITERAL}\)|\b{BYTES_LITERAL}")
+QUOTED_CHARS = 40
 
 
 @dataclass(frozen=True)
@@ -66,7 +72,8 @@ class Request:
             raise InvalidRequest("the request body is not valid UTF-8") from None
         except json.JSONDecodeError as exc:
             raise InvalidRequest(
-                f"the request body is not valid JSON: {exc.msg} at {exc.pos}"
+                f"the request body is not valid JSON: {exc.msg} "
+                f"at line {exc.lineno} column {exc.colno}"
             ) from None
         except RecursionError:
             raise InvalidRequest("the request body is nested too deeply") from None
@@ -76,6 +83,19 @@ class Request:
 
 def _reject_constant(name: str) -> Any:
     raise InvalidRequest(f"the request body is not valid JSON: {name} is not a number")
+
+
+def protocol_message(exc: h11.ProtocolError) -> str:
+    """h11's complaint in plain words: quoted bytes without Python's repr around them."""
+
+    def quote(match: re.Match[str]) -> str:
+        text = (match[1] or match[2])[1:-1]
+        if len(text) > QUOTED_CHARS:
+            text = text[:QUOTED_CHARS] + "…"
+        return f"'{text}'"
+
+    text = BYTES_REPR.sub(quote, str(exc)).replace(": '", " '")
+    return text[:1].lower() + text[1:]
 
 
 class NeedData:
@@ -107,6 +127,7 @@ class ServerConnection:
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_head_bytes)
         self._head: h11.Request | None = None
         self._head_at = 0.0  # when the head was parsed: timings include the upload
+        self._seen: h11.Request | None = None  # that head, even one refused: for the log
         self._body: list[bytes] = []
         self._body_size = 0
 
@@ -118,6 +139,14 @@ class ServerConnection:
     def receive(self, data: bytes) -> None:
         """Feed bytes from the client; b'' means the client closed its side."""
         self._h11.receive_data(data)
+
+    def request_line(self) -> tuple[str | None, str | None]:
+        """Method and path of the request being received, once its head has been parsed."""
+        head = self._seen
+        if head is None:
+            return None, None
+        target = head.target.decode("ascii", "replace")
+        return head.method.decode("ascii", "replace"), target.partition("?")[0]
 
     def next(self) -> Outcome:
         """Advance as far as the bytes received allow."""
@@ -131,6 +160,7 @@ class ServerConnection:
             if isinstance(event, h11.ConnectionClosed):
                 return CLOSED
             if isinstance(event, h11.Request):
+                self._seen = event
                 problem = self._check_head(event)
                 if problem is not None:
                     return Failure(problem)
@@ -149,8 +179,8 @@ class ServerConnection:
         if exc.error_status_hint == 431:
             return HeadersTooLarge(f"request head over {self.limits.max_head_bytes} bytes")
         if exc.error_status_hint == 501:
-            return NotImplementedByServer(f"unsupported request: {exc}")
-        return BadRequest(f"malformed request: {exc}")
+            return NotImplementedByServer(f"unsupported request: {protocol_message(exc)}")
+        return BadRequest(f"malformed request: {protocol_message(exc)}")
 
     def _check_head(self, head: h11.Request) -> ModeldError | None:
         # h11 bounds only an *incomplete* head; one that arrives whole in a single read
@@ -185,6 +215,7 @@ class ServerConnection:
             received_at=self._head_at,
         )
         self._head, self._body, self._body_size = None, [], 0
+        self._seen = None
         return request
 
     # ---- responses -------------------------------------------------------------------

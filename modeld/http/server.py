@@ -124,6 +124,38 @@ class Responder:
 Handler = Callable[[Request, Responder, ConnInfo], Awaitable[None]]
 
 
+def log_request(
+    method: str | None,
+    path: str | None,
+    status: int,
+    since: float,
+    *,
+    outcome: str | None = None,
+    level: int = logging.INFO,
+) -> None:
+    """The request log line of a response the generating endpoints do not log themselves."""
+    fields: dict[str, Any] = {
+        "event": "request",
+        "method": method,
+        "path": path,
+        "status": status,
+        "total_ms": round((time.monotonic() - since) * 1000, 2),
+    }
+    if outcome is not None:
+        fields["outcome"] = outcome
+    tail = f" {outcome}" if outcome else ""
+    log.log(level, "%s %s %s%s", method or "-", path or "-", status, tail, extra={"fields": fields})
+
+
+async def _refuse(
+    stream: anyio.abc.ByteStream, conn: ServerConnection, error: ModeldError, since: float
+) -> None:
+    """Answer an error the handler never saw (framing, limits, deadlines) and log it."""
+    await _send_quietly(stream, conn.error_response(error, close=True))
+    method, path = conn.request_line()
+    log_request(method, path, error.http_status, since, outcome=error.code)
+
+
 class ConnectionSlots:
     """Open connections: counted against `Limits.max_connections`, drained at shutdown."""
 
@@ -151,21 +183,17 @@ async def serve_connection(
     slots.open += 1
     try:
         if slots.open > slots.limit:
-            await _send_quietly(
-                stream,
-                conn.error_response(
-                    TooManyConnections(f"more than {slots.limit} open connections"), close=True
-                ),
-            )
+            error = TooManyConnections(f"more than {slots.limit} open connections")
+            await _refuse(stream, conn, error, time.monotonic())
             return
         first = True
         while True:
-            outcome = await _read_request(stream, conn, limits, first, slots)
+            outcome, since = await _read_request(stream, conn, limits, first, slots)
             first = False
             if outcome is None or outcome is CLOSED:
                 return
             if isinstance(outcome, Failure):
-                await _send_quietly(stream, conn.error_response(outcome.error, close=True))
+                await _refuse(stream, conn, outcome.error, since)
                 return
             assert isinstance(outcome, Request)
             responder = Responder(stream, conn, limits)
@@ -196,11 +224,15 @@ async def _read_request(
     limits: Limits,
     first: bool,
     slots: ConnectionSlots,
-) -> Request | Failure | object | None:
-    """Read until a whole request is there; None when the connection should just close."""
+) -> tuple[Request | Failure | object | None, float]:
+    """Read until a whole request is there; None when the connection should just close.
+
+    Also returns when the request began: its first bytes, or now for the first request.
+    """
+    began = time.monotonic()
     outcome = conn.next()  # a pipelined request may already be buffered
     if outcome is not NEED_DATA:
-        return outcome
+        return outcome, began
     # Between requests a keep-alive connection may idle; after that the head has its deadline.
     if not first:
         data: bytes | None = None
@@ -211,11 +243,12 @@ async def _read_request(
         finally:
             slots.idle -= 1
         if data is None:
-            return None
+            return None, began
+        began = time.monotonic()
         conn.receive(data)
         outcome = conn.next()
         if outcome is not NEED_DATA:
-            return outcome
+            return outcome, began
     try:
         with anyio.fail_after(limits.head_timeout_s):
             while outcome is NEED_DATA and conn.in_head:
@@ -227,8 +260,8 @@ async def _read_request(
                 outcome = conn.next()
     except TimeoutError:
         what = "headers" if conn.in_head else "body"
-        return Failure(RequestTimeout(f"request {what} not received in time"))
-    return outcome
+        return Failure(RequestTimeout(f"request {what} not received in time")), began
+    return outcome, began
 
 
 async def _receive(stream: anyio.abc.ByteStream) -> bytes:

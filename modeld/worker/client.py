@@ -69,6 +69,10 @@ ERROR_CODES: dict[str, type[ModeldError]] = {
     "prompt_too_long": PromptTooLong,
     "invalid_request": InvalidRequest,
 }
+# The request field each worker error code is about (the `param` of the error object).
+ERROR_PARAMS: dict[str, str] = {
+    "prompt_too_long": "prompt",
+}
 
 
 @dataclass(frozen=True)
@@ -306,8 +310,10 @@ class WorkerProcess:
                 int(msg["completion_tokens"]),
                 float(msg.get("gen_ms", 0.0)),
             )
-        cls = ERROR_CODES.get(str(msg.get("code")), GenerationFailed)
-        return Failed(cls(str(msg.get("message", "generation failed"))))
+        code = str(msg.get("code"))
+        cls = ERROR_CODES.get(code, GenerationFailed)
+        message = str(msg.get("message", "generation failed"))
+        return Failed(cls(message, param=ERROR_PARAMS.get(code)))
 
     async def _deliver(self, rid: int, event: GenEvent) -> None:
         stream = self._active.get(rid)

@@ -17,7 +17,14 @@ import pytest
 from tests.conftest import ModelStore
 from tests.helpers.client import Response
 from tests.helpers.daemon import Daemon
-from tests.integration.conftest import RawInfer, assert_one_done, running, stream_to_end, wait_for
+from tests.integration.conftest import (
+    RawInfer,
+    assert_one_done,
+    log_events,
+    running,
+    stream_to_end,
+    wait_for,
+)
 
 MODELS = {"tiny.gguf": "tiny", "tiny2.gguf": "tiny2"}
 STATES = {"unloaded", "loading", "ready", "unloading", "error"}
@@ -192,6 +199,30 @@ def test_unknown_model_is_404(shared: Daemon, via: str) -> None:
     assert err.get("param") == "model"
     assert "nope" in err["message"]
     assert shared.models_dir.as_posix() not in err["message"]  # no paths leak
+
+
+def test_the_404_for_an_unknown_model_lists_the_models_there_are(shared: Daemon, via: str) -> None:
+    err = error_of(shared.client(via).infer(model="nope", prompt="hi"), 404, "model_not_found")
+    assert err["message"] == "no model 'nope' in the models dir; available: tiny.gguf, tiny2.gguf"
+
+
+@pytest.mark.parametrize(
+    ("extra", "status"),
+    [({"temperature": -1}, 400), ({"stop": [1]}, 400), ({}, 404)],
+    ids=["bad temperature", "bad stop", "unknown model"],
+)
+def test_a_refused_request_is_logged_with_the_model_it_named(
+    shared: Daemon, extra: dict[str, Any], status: int
+) -> None:
+    name = f"named-{status}-{len(shared.log())}"  # unique in this daemon's log
+    resp = shared.client().infer(model=name, prompt="hi", **extra)
+    assert resp.status == status, resp.body
+
+    def logged() -> list[dict[str, Any]]:
+        return [e for e in log_events(shared, "request") if e.get("model") == name]
+
+    records = wait_for(logged, "the request's log line")
+    assert len(records) == 1 and records[0]["status"] == status, records
 
 
 BAD_BODIES: list[tuple[str, bytes, str | None]] = [

@@ -34,7 +34,14 @@ from tests.helpers.raw import (
     read_to_close,
     vm_rss_kb,
 )
-from tests.integration.conftest import log_events, log_tail, running, stream_to_end, wait_for
+from tests.integration.conftest import (
+    RawInfer,
+    log_events,
+    log_tail,
+    running,
+    stream_to_end,
+    wait_for,
+)
 
 MODELS = {"tiny.gguf": "tiny"}
 HEAD_TIMEOUT_S = 0.5  # --head-timeout-s: a trickled head is refused after this
@@ -257,7 +264,86 @@ def test_garbage_gets_a_4xx_and_close(daemon: Daemon, via: str, payload: bytes) 
     last = responses[-1]
     assert last.closes, last
     assert set(last.json()) == {"error"}, last.body
+    assert "bytearray" not in last.json()["error"]["message"], last.body  # no Python reprs
     daemon_alive(daemon)
+
+
+def test_a_malformed_request_line_is_quoted_plainly(daemon: Daemon, via: str) -> None:
+    responses, _ = exchange(daemon, via, b"HELLO\r\n\r\n")
+    err = check_error(responses[0], 400, "bad_request")
+    assert err["message"] == "malformed request: illegal request line 'HELLO'", err
+
+
+def test_a_json_error_says_its_line_and_column(daemon: Daemon, via: str) -> None:
+    raw = b'{"model": "tiny",\n "prompt": }'
+    resp = daemon.client(via).request("POST", "/infer", raw=raw)
+    assert resp.status == 400, resp.body
+    message = resp.json()["error"]["message"]
+    assert message == "the request body is not valid JSON: Expecting value at line 2 column 12"
+
+
+# ---- every response is logged -------------------------------------------------------------------
+
+
+def logged_after(daemon: Daemon, before: int, **fields: Any) -> dict[str, Any]:
+    """The one request log line past the first `before` ones whose fields match."""
+
+    def matching() -> list[dict[str, Any]]:
+        records = log_events(daemon, "request")[before:]
+        return [r for r in records if all(r.get(k) == v for k, v in fields.items())]
+
+    found = wait_for(matching, f"a request log line with {fields}", timeout=5.0)
+    assert len(found) == 1, found
+    return found[0]
+
+
+def request_lines(daemon: Daemon) -> int:
+    return len(log_events(daemon, "request"))
+
+
+def test_a_refused_request_is_logged(daemon: Daemon, via: str) -> None:
+    before = request_lines(daemon)
+    responses, _ = exchange(daemon, via, b"HELLO\r\n\r\n")
+    assert [r.status for r in responses] == [400]
+    rec = logged_after(daemon, before, status=400, outcome="bad_request")
+    assert rec["method"] is None and rec["path"] is None and rec["total_ms"] >= 0
+
+
+def test_a_body_over_the_limit_is_logged_with_its_request_line(daemon: Daemon, via: str) -> None:
+    before = request_lines(daemon)
+    head = b"POST /infer HTTP/1.1\r\n" + HOST + f"Content-Length: {MAX_BODY + 1}\r\n\r\n".encode()
+    responses, _ = exchange(daemon, via, head)
+    assert [r.status for r in responses] == [413]
+    rec = logged_after(daemon, before, status=413, outcome="payload_too_large")
+    assert (rec["method"], rec["path"]) == ("POST", "/infer")
+
+
+def test_a_wrong_method_on_a_generating_endpoint_is_logged(daemon: Daemon, via: str) -> None:
+    before = request_lines(daemon)
+    assert daemon.client(via).get("/infer").status == 405
+    rec = logged_after(daemon, before, status=405, path="/infer")
+    assert rec["method"] == "GET" and rec["outcome"] == "method_not_allowed"
+
+
+def test_a_late_body_is_logged_as_408(daemon: Daemon, via: str) -> None:
+    before = request_lines(daemon)
+    with open_socket(daemon, via) as sock:
+        sock.sendall(b"POST /infer HTTP/1.1\r\n" + HOST + b"Content-Length: 10\r\n\r\n{")
+        raw, _ = read_to_close(sock)
+    assert [r.status for r in parse_responses(raw)] == [408], raw
+    rec = logged_after(daemon, before, status=408, outcome="request_timeout")
+    assert (rec["method"], rec["path"]) == ("POST", "/infer")
+    assert rec["total_ms"] >= BODY_TIMEOUT_S * 1000 * 0.8, rec
+
+
+def test_a_late_head_is_logged_as_408(daemon: Daemon, via: str) -> None:
+    before = request_lines(daemon)
+    with open_socket(daemon, via) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+        raw, _ = read_to_close(sock)
+    assert [r.status for r in parse_responses(raw)] == [408], raw
+    rec = logged_after(daemon, before, status=408, outcome="request_timeout")
+    assert rec["method"] is None and rec["total_ms"] >= HEAD_TIMEOUT_S * 1000 * 0.8, rec
 
 
 # ---- a client that stops reading -------------------------------------------------------------
@@ -309,6 +395,19 @@ def test_a_slow_reader_is_dropped_and_its_generation_cancelled(daemon: Daemon) -
     assert gone, log_tail(daemon)
     assert gone[-1]["tokens"] < max_tokens, gone[-1]  # the generation was stopped
     stream_to_end(client, {"model": "tiny", "prompt": "hi", "max_tokens": 8})
+
+
+def test_a_hang_up_mid_stream_logs_the_time_spent_decoding(daemon: Daemon, via: str) -> None:
+    before = request_lines(daemon)
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": N_CTX - 64, "temperature": 0.0}
+    with RawInfer(daemon.client(via), body) as stream:
+        assert stream.status == 200
+        for _ in range(20):  # tokens flow; thousands more are to come when we hang up
+            event = stream.next_event()
+            assert event is not None and event["type"] == "token", event
+    rec = logged_after(daemon, before, outcome="client_gone")
+    assert rec["tokens"] > 0, rec
+    assert rec["decode_ms"] is not None and rec["decode_ms"] > 0, rec  # not a false 0
 
 
 # ---- request validation ------------------------------------------------------------------------
@@ -436,10 +535,19 @@ def test_a_prompt_longer_than_the_context_is_400_before_any_token(
     assert resp.headers["content-type"].startswith("application/json")
     err = resp.json()["error"]
     assert err["code"] == "prompt_too_long", err
+    assert err.get("param") == "prompt", err
     numbers = [int(n) for n in re.findall(r"\d+", err["message"])]
     assert len(numbers) >= 2, err  # the prompt's token count and the context's size
     count, limit = max(numbers), min(numbers)
     assert count >= 1000 and 64 <= limit < count, err
+
+
+def test_a_chat_too_long_for_the_context_is_400_naming_messages(small_ctx: Daemon) -> None:
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hello world " * 600}]}
+    resp = small_ctx.client().request("POST", "/v1/chat/completions", body)
+    assert resp.status == 400, (resp.status, resp.body[:300])
+    err = resp.json()["error"]
+    assert (err["code"], err["param"]) == ("prompt_too_long", "messages"), err
 
 
 def test_max_tokens_is_capped_by_the_context(small_ctx: Daemon, via: str) -> None:
@@ -525,12 +633,14 @@ def test_connections_past_the_cap_get_503_and_close(
             held.append(sock)  # served and kept alive: it certainly counts
         try:
             for via in ("unix", "tcp"):
+                before = request_lines(daemon)
                 responses, closed = exchange(
                     daemon, via, b"GET /healthz HTTP/1.1\r\n" + HOST + b"\r\n"
                 )
                 assert [r.status for r in responses] == [503], responses
                 check_error(responses[0], 503, "too_many_connections")
                 assert responses[0].closes and closed
+                logged_after(daemon, before, status=503, outcome="too_many_connections")
         finally:
             held.pop().close()
         wait_for(

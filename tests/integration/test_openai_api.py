@@ -187,7 +187,9 @@ def test_unknown_model_is_not_found(client: openai.OpenAI) -> None:
         client.chat.completions.create(model="nope", messages=HI)
     assert info.value.response.json() == {
         "error": {
-            "message": "no model 'nope' in the models dir",
+            "message": (
+                "no model 'nope' in the models dir; available: chat.gguf, evil.gguf, tiny.gguf"
+            ),
             "type": "not_found_error",
             "param": "model",
             "code": "model_not_found",

@@ -120,3 +120,64 @@ def test_head_too_large_is_431_even_when_it_arrives_whole() -> None:
     conn = ServerConnection(SMALL)
     out = feed(conn, b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"a" * 2000 + b"\r\n\r\n")
     assert isinstance(out, Failure) and out.error.http_status == 431
+
+
+# ---- messages a client reads -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b"HELLO\r\n\r\n", "malformed request: illegal request line 'HELLO'"),
+        (
+            b"GET / HTTP/1.1\r\nHost: a\r\nno colon here\r\n\r\n",
+            "malformed request: illegal header line 'no colon here'",
+        ),
+        (
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n",
+            "unsupported request: only Transfer-Encoding: chunked is supported",
+        ),
+    ],
+)
+def test_protocol_errors_read_as_words_not_python_reprs(raw: bytes, expected: str) -> None:
+    out = feed(ServerConnection(SMALL), raw)
+    assert isinstance(out, Failure)
+    assert out.error.message == expected
+
+
+def test_quoted_request_bytes_are_cut_short() -> None:
+    out = feed(ServerConnection(SMALL), b"HELLO" + b"x" * 500 + b"\r\n\r\n")
+    assert isinstance(out, Failure)
+    message = out.error.message
+    assert "bytearray" not in message and "b'" not in message, message
+    assert message.endswith("…'") and len(message) < 100, message
+
+
+@pytest.mark.parametrize(
+    ("body", "where"),
+    [
+        (b"{", "at line 1 column 2"),
+        (b'{"model": "tiny",\n "prompt": }', "at line 2 column 12"),
+    ],
+)
+def test_json_errors_say_where_in_lines_and_columns(body: bytes, where: str) -> None:
+    req = Request("POST", "/infer", "/infer", "", (), body)
+    with pytest.raises(InvalidRequest) as info:
+        req.json()
+    assert info.value.message.startswith("the request body is not valid JSON: ")
+    assert info.value.message.endswith(where), info.value.message
+
+
+def test_the_request_line_of_a_refused_head_is_known_for_the_log() -> None:
+    conn = ServerConnection(SMALL)
+    assert conn.request_line() == (None, None)
+    out = feed(conn, b"POST /infer?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 101\r\n\r\n")
+    assert isinstance(out, Failure) and out.error.http_status == 413
+    assert conn.request_line() == ("POST", "/infer")
+
+
+def test_the_request_line_is_forgotten_once_a_request_completes() -> None:
+    conn = ServerConnection(SMALL)
+    req = feed(conn, b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert isinstance(req, Request)
+    assert conn.request_line() == (None, None)
