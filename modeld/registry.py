@@ -105,7 +105,7 @@ class Registry:
         try:
             names = sorted(os.listdir(self.models_dir))
         except OSError as exc:
-            log.warning("cannot list models dir: %s", exc.strerror)
+            log.error("cannot list models dir %s: %s", self.models_dir, exc.strerror)
             names = []
         for name in names:
             if not name.endswith(GGUF_SUFFIX):
