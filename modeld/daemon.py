@@ -7,37 +7,45 @@ task group of their own, and tells systemd it is ready once preloads are done. A
 that fails half-way closes what it opened and removes its socket file. On SIGTERM/SIGINT it
 stops accepting, lets running requests finish for `--shutdown-grace-s`, then ends what is
 left with a `shutting_down` event, stops every worker and returns 0. A second signal
-exits at once. SIGHUP rescans the models dir.
+exits at once. SIGHUP rescans the models dir. Opening, adopting and closing the listeners
+(and their socket file) is `modeld.listeners`'s job.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import signal
 import socket
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
 import anyio.abc
 import anyio.streams.stapled
 
-from modeld.api.app import App, AppState, is_loopback_host
+from modeld.api.app import App, AppState
 from modeld.api.infer import describe_available
 from modeld.api.openai import install as install_openai
 from modeld.config import Config
 from modeld.gguf.estimate import estimate_vram_mb
 from modeld.gguf.info import ModelInfo
-from modeld.http.server import ConnectionSlots, ConnInfo, serve_connection
+from modeld.http.server import ConnectionSlots, serve_connection
+from modeld.listeners import (
+    OpenListener,
+    StartupError,
+    close_listeners,
+    open_listeners,
+    warn_if_exposed,
+)
 from modeld.manager.manager import Manager, ManagerConfig
 from modeld.registry import GGUF_SUFFIX, Estimator, ModelSpec, Registry, size_only_estimate
 from modeld.service import systemd
 from modeld.vram import detect_budget
 from modeld.worker.client import WorkerSettings
 from modeld.worker.pool import ProcessBackend
+
+__all__ = ["Daemon", "StartupError"]  # StartupError lives in listeners; the CLI catches it here
 
 log = logging.getLogger("modeld")
 
@@ -55,125 +63,6 @@ MISSING_CONSEQUENCE = {
 }
 
 
-class StartupError(Exception):
-    """The daemon cannot start; the message says why and what to do."""
-
-
-@dataclass
-class OpenListener:
-    listener: anyio.abc.SocketListener
-    info: ConnInfo
-    label: str
-    unlink: Path | None = None  # our own Unix socket file, removed at exit
-    inode: int = 0  # of that file, so a successor's socket is never removed
-
-
-def _remove_socket_file(item: OpenListener) -> None:
-    if item.unlink is None:
-        return
-    try:
-        if item.unlink.stat().st_ino == item.inode:
-            item.unlink.unlink()
-    except OSError:
-        pass
-    item.unlink = None
-
-
-async def _open_listeners(cfg: Config) -> list[OpenListener]:
-    inherited = systemd.listen_fds()
-    if inherited:
-        return [await _adopt(inh) for inh in inherited]
-    out: list[OpenListener] = []
-    try:
-        if cfg.socket_path is not None:
-            out.append(await _open_unix(cfg.socket_path, cfg.socket_mode))
-        if cfg.listen is not None:
-            out.extend(await _open_tcp(*cfg.listen))
-    except BaseException:
-        # A start that fails half-way leaves nothing behind: no socket file, no listener.
-        await _close_listeners(out)
-        raise
-    if not out:
-        raise StartupError("no listener: give --socket and/or --listen")
-    return out
-
-
-async def _close_listeners(listeners: list[OpenListener]) -> None:
-    """Close listeners and remove our socket files; safe to call more than once."""
-    with anyio.CancelScope(shield=True):
-        for item in listeners:
-            try:
-                await item.listener.aclose()
-            except OSError:
-                pass
-            _remove_socket_file(item)
-
-
-async def _adopt(inh: systemd.InheritedSocket) -> OpenListener:
-    """A listener systemd opened for us (socket activation)."""
-    sock = inh.sock
-    sock.setblocking(False)
-    listener = await anyio.abc.SocketListener.from_socket(sock)
-    if inh.family == socket.AF_UNIX:
-        return OpenListener(
-            listener, ConnInfo("unix", False), f"unix:{sock.getsockname()} (systemd)"
-        )
-    host = str(sock.getsockname()[0])
-    return OpenListener(
-        listener,
-        ConnInfo("tcp", is_loopback_host(host)),
-        f"tcp:{host}:{sock.getsockname()[1]} (systemd)",
-    )
-
-
-async def _open_tcp(host: str, port: int) -> list[OpenListener]:
-    try:
-        multi = await anyio.create_tcp_listener(local_host=host, local_port=port, reuse_port=False)
-    except OSError as exc:
-        raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    out = []
-    for sub in multi.listeners:
-        assert isinstance(sub, anyio.abc.SocketListener)
-        addr = sub.extra(anyio.abc.SocketAttribute.local_address)
-        label = f"tcp:[{addr[0]}]:{addr[1]}" if ":" in str(addr[0]) else f"tcp:{addr[0]}:{addr[1]}"
-        out.append(OpenListener(sub, ConnInfo("tcp", is_loopback_host(str(addr[0]))), label))
-    return out
-
-
-async def _open_unix(path: Path, mode: int) -> OpenListener:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if path.exists() or path.is_symlink():
-        if _daemon_alive(path):
-            raise StartupError(
-                f"another modeld is already serving on {path}; stop it first "
-                "(or give this one another --socket)"
-            )
-        if not path.is_socket():
-            raise StartupError(
-                f"{path} exists and is not a socket; remove it or choose another --socket"
-            )
-        path.unlink()  # a stale socket left by a daemon that died
-    try:
-        listener = await anyio.create_unix_listener(path, mode=mode)
-    except OSError as exc:
-        raise StartupError(f"cannot listen on {path}: {exc.strerror}") from None
-    return OpenListener(
-        listener, ConnInfo("unix", False), f"unix:{path}", unlink=path, inode=path.stat().st_ino
-    )
-
-
-def _daemon_alive(path: Path) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(str(path))
-        return True
-    except OSError as exc:
-        return exc.errno not in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTSOCK)
-    finally:
-        probe.close()
-
-
 def _check_models_dir(path: Path) -> None:
     """Refuse to start on a models dir that cannot be listed: a typo must not look like
     an empty directory."""
@@ -187,29 +76,6 @@ def _check_models_dir(path: Path) -> None:
         os.listdir(path)
     except OSError as exc:
         raise StartupError(f"cannot read models dir {path}: {exc.strerror}") from None
-
-
-def _warn_if_exposed(cfg: Config, listeners: list[OpenListener]) -> None:
-    """modeld has no authentication: say so loudly when others can reach it."""
-    for item in listeners:
-        if item.info.kind == "tcp" and not item.info.loopback_only:
-            log.warning(
-                "%s is reachable from other machines, without authentication (and without "
-                "the Host check of loopback listeners): anyone who can connect can load "
-                "models and run generations; firewall it or put an authenticating proxy in "
-                "front, or listen on 127.0.0.1",
-                item.label,
-                extra={"fields": {"event": "exposed", "listener": item.label}},
-            )
-    own_socket = any(item.unlink is not None for item in listeners)
-    if own_socket and cfg.socket_path is not None and cfg.socket_mode & 0o002:
-        log.warning(
-            "--socket-mode %04o lets every local user connect to %s, without authentication; "
-            "use 0600, or 0660 and a group",
-            cfg.socket_mode,
-            cfg.socket_path,
-            extra={"fields": {"event": "exposed", "listener": f"unix:{cfg.socket_path}"}},
-        )
 
 
 def _estimator(cfg: Config, gpu: bool) -> Estimator:
@@ -257,12 +123,12 @@ class Daemon:
             cfg.vram_margin_mb,
         )
         self._check_named_models()
-        listeners = await _open_listeners(cfg)
+        listeners = await open_listeners(cfg)
         try:
-            _warn_if_exposed(cfg, listeners)
+            warn_if_exposed(cfg, listeners)
             await self._run(listeners)
         finally:
-            await _close_listeners(listeners)
+            await close_listeners(listeners)
         log.info("modeld stopped")
         return 0
 
@@ -452,7 +318,7 @@ class Daemon:
     ) -> None:
         systemd.notify_stopping()
         self.slots.draining = True
-        await _close_listeners(listeners)
+        await close_listeners(listeners)
         with anyio.move_on_after(self.cfg.shutdown_grace_s):
             while manager.inflight or any(i.queue for i in manager.instances.values()):
                 await anyio.sleep(DRAIN_POLL_S)
