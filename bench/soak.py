@@ -414,6 +414,18 @@ def settle(daemon: Daemon) -> dict[str, Any]:
         time.sleep(0.05)
 
 
+def spare_back(daemon: Daemon) -> None:
+    """Wait until the spare worker is back beside the loaded ones (it is replaced about a
+    second after a load), so the baseline counts its pipes as the end will."""
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        _, status = get_json(daemon.unix, "/status")
+        loaded = sum(1 for i in status["instances"] if i["state"] == "ready")
+        if len(children(daemon.pid)[0]) > loaded:
+            return
+        time.sleep(0.05)
+
+
 def steady_fds(pid: int, target: int | None = None) -> int:
     """The daemon's fd count once it stops changing (or reaches target), within WAIT_S."""
     deadline = time.monotonic() + WAIT_S
@@ -550,6 +562,7 @@ def run(config: SoakConfig) -> Report:
         driver = Driver(daemon, tally)
         run_phase(driver, range(warm), deadline)
         settle(daemon)
+        spare_back(daemon)
         r.fds_base, r.rss_warm_kb = steady_fds(daemon.pid), rss_kb(daemon.pid)
         warm_at = time.monotonic() - sampler.started_at
         run_phase(driver, range(warm, rounds), deadline)

@@ -302,16 +302,20 @@ class Daemon:
 
     async def _signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-            async for signum in signals:
-                if signum == signal.SIGHUP:
-                    specs = await self.registry.refresh()
-                    log.info("SIGHUP: rescanned the models dir: %d models", len(specs))
-                    continue
-                if self.stopping.is_set():
-                    log.warning("second signal: exiting at once")
-                    os._exit(1)
-                log.info("%s: shutting down", signal.Signals(signum).name)
-                self.stopping.set()
+            async with anyio.create_task_group() as rescans:  # a slow disk never delays SIGTERM
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        rescans.start_soon(self._rescan)
+                        continue
+                    if self.stopping.is_set():
+                        log.warning("second signal: exiting at once")
+                        os._exit(1)
+                    log.info("%s: shutting down", signal.Signals(signum).name)
+                    self.stopping.set()
+
+    async def _rescan(self) -> None:
+        specs = await self.registry.refresh()
+        log.info("SIGHUP: rescanned the models dir: %d models", len(specs))
 
     async def _shutdown(
         self, manager: Manager, listeners: list[OpenListener], conns: anyio.CancelScope

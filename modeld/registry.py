@@ -128,7 +128,7 @@ class Registry:
     async def resolve(self, name: str) -> ModelSpec:
         """Find a model by id (with or without `.gguf`), rescanning once on a miss."""
         spec = self.lookup(name)
-        if spec is None or not spec.path.exists():  # new, renamed or removed files
+        if spec is None or spec.invalid or not spec.path.exists():  # new, fixed or gone files
             await self.refresh()
             spec = self.lookup(name)
         if spec is None:

@@ -136,12 +136,15 @@ class Outcome:
     def timings(self) -> dict[str, float]:
         """The `timings` object of a finished request."""
         total_ms = _ms(time.monotonic() - self.request.received_at)
-        return {
+        timings = {
             "queue_ms": self.queue_ms,
             "load_ms": self.load_ms,
             "ttft_ms": self.ttft_ms if self.ttft_ms is not None else total_ms,
             "total_ms": total_ms,
         }
+        if self.decode_ms is not None:
+            timings["decode_ms"] = self.decode_ms
+        return timings
 
     def log(self, status: int) -> None:
         total_ms = _ms(time.monotonic() - self.request.received_at)

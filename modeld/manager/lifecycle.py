@@ -140,6 +140,9 @@ class Lifecycle:
         """ERROR with a doubling retry time; the queued requests fail with `reason`."""
         inst.failures += 1
         inst.error = reason
+        if inst.stale is not None:  # the file changed during the load: next time, the new one
+            inst.spec = inst.next_spec or inst.spec
+            inst.stale, inst.next_spec = None, None
         backoff = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (inst.failures - 1))
         inst.retry_at = anyio.current_time() + backoff
         inst.move(State.ERROR)

@@ -122,7 +122,7 @@ class Manager:
                 self.rejected["queue_timeout"] += 1
                 raise QueueTimeout(
                     f"waited {self.config.max_wait_ms} ms for model {spec.id!r} without a turn",
-                    retry_after_ms=self._retry_after_ms(inst, len(inst.queue)),
+                    retry_after_ms=self._retry_after_ms(inst, inst.queue.index(waiter)),
                 )
         except BaseException:
             self._leave_queue(inst, waiter)
@@ -332,13 +332,14 @@ class Manager:
         self._pump()
 
     def _follow_file(self, inst: Instance, spec: ModelSpec | None) -> None:
-        if spec == inst.spec:
-            return
-        if inst.state in (State.UNLOADED, State.ERROR):
-            if spec is not None:
+        if inst.state in (State.UNLOADED, State.ERROR):  # nothing loaded: nothing stale
+            inst.stale, inst.next_spec = None, None
+            if spec is not None and spec != inst.spec:
                 inst.spec = spec  # use what is on disk now
                 inst.retry_at = 0.0
-        elif inst.state in (State.READY, State.LOADING):
+        elif spec == inst.spec:  # unchanged, or changed back to what is loaded
+            inst.stale, inst.next_spec = None, None
+        else:  # loading, loaded or unloading another file than the one on disk
             inst.stale = "file removed" if spec is None else "file changed"
             inst.next_spec = spec
 

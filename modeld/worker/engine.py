@@ -372,6 +372,7 @@ class Engine:
             text = push(piece)
             if text:
                 pending.append(text)
+            if pending:  # checked at every token: held text never waits on a later one
                 now = clock()
                 if now - last_flush >= interval:  # the first text goes out at once
                     last_flush = now

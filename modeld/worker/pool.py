@@ -104,6 +104,9 @@ class ProcessBackend:
 
     async def _take_worker(self) -> WorkerProcess:
         assert self._tg is not None
+        if self._spare is None and self._spare_lock.locked():
+            async with self._spare_lock:
+                pass  # a spare is starting: wait for it rather than start a second worker
         spare, self._spare = self._spare, None
         if spare is not None and spare.alive:
             return spare

@@ -134,3 +134,15 @@ async def test_refresh_scans_off_the_event_loop_and_callers_share_scans(
     assert results == [["a.gguf"]] * 6
     assert len(threads) == 2  # one scan under way, then one shared by the five
     assert threading.get_ident() not in threads
+
+
+@pytest.mark.anyio
+async def test_a_file_seen_half_written_is_looked_at_again_on_request(
+    tmp_path: Path, tiny: Path
+) -> None:
+    (tmp_path / "m.gguf").write_bytes(tiny.read_bytes()[:100])  # a copy still under way
+    reg = Registry(tmp_path)
+    assert reg.scan()["m.gguf"].invalid
+    shutil.copy(tiny, tmp_path / "m.gguf")  # the copy completes
+    spec = await reg.resolve("m")
+    assert spec.invalid is None

@@ -395,3 +395,38 @@ async def test_a_removed_file_unloads_a_busy_instance_once_its_request_ends() ->
         await anyio.sleep(1)
         assert backend.closed == ["a"]
         assert str(m.instances["a"].state) == "unloaded"
+
+
+async def test_a_file_changed_during_a_failed_load_is_used_next_time() -> None:
+    backend = FakeBackend()
+    backend.gate = anyio.Event()
+    backend.fail_next = 1
+    async with running(backend) as m, anyio.create_task_group() as tg:
+        tg.start_soon(functools.partial(_expect_failure, m, "a"))
+        await settle()  # loading, held at the gate
+        changed = dataclasses.replace(spec("a"), stamp=(1, 2, 3))
+        m.reconcile({"a": changed})
+        backend.gate.set()
+        await anyio.sleep(1)  # the load fails
+        inst = m.instances["a"]
+        assert inst.spec == changed and inst.stale is None and inst.next_spec is None
+        await anyio.sleep(2)  # past the first backoff (1 s)
+        await generate(m, "a")
+        assert backend.loads == ["a", "a"] and backend.closed == []
+
+
+async def _expect_failure(m: Manager, model_id: str) -> None:
+    with pytest.raises(ModelLoadFailed):
+        await generate(m, model_id)
+
+
+async def test_a_queue_timeout_hint_counts_only_the_requests_ahead() -> None:
+    backend = FakeBackend()  # a token every 10 ms
+    async with running(backend, max_wait_ms=200) as m, anyio.create_task_group() as tg:
+        await generate(m, "a", tokens=100)  # the average generation: 1,000 ms
+        tg.start_soon(generate, m, "a", 100)
+        await anyio.sleep(0.1)
+        with pytest.raises(QueueTimeout) as err:
+            await generate(m, "a")  # first in line: only the running one is ahead of it
+        # 100 ms in when it queued, 200 ms of waiting: ~700 ms left of the running one
+        assert 650 <= err.value.retry_after_ms <= 750, err.value.retry_after_ms
