@@ -33,6 +33,7 @@ from modeld.http.protocol import (
 log = logging.getLogger("modeld.http")
 
 RECEIVE_SIZE = 65536  # bytes per socket read
+REFUSAL_LOG_S = 1.0  # connections refused over --max-connections: at most a log line this often
 STALL_CHECK_S = 1.0  # how often a response's writes are checked for a client that stopped reading
 GONE = (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
 
@@ -132,6 +133,7 @@ def log_request(
     *,
     outcome: str | None = None,
     level: int = logging.INFO,
+    **extra: Any,
 ) -> None:
     """The request log line of a response the generating endpoints do not log themselves."""
     fields: dict[str, Any] = {
@@ -140,6 +142,7 @@ def log_request(
         "path": path,
         "status": status,
         "total_ms": round((time.monotonic() - since) * 1000, 2),
+        **extra,
     }
     if outcome is not None:
         fields["outcome"] = outcome
@@ -164,6 +167,18 @@ class ConnectionSlots:
         self.open = 0
         self.idle = 0  # keep-alive connections waiting, with nothing received, between requests
         self.draining = False  # shutting down: finish the request under way, then close
+        self._refusals_logged_at = -REFUSAL_LOG_S  # a flood of refusals is one line a second
+        self._refusals_unlogged = 0
+
+    def refusal_to_log(self) -> int | None:
+        """None when this refusal goes unlogged, else how many went unlogged before it."""
+        now = time.monotonic()
+        if now - self._refusals_logged_at < REFUSAL_LOG_S:
+            self._refusals_unlogged += 1
+            return None
+        unlogged, self._refusals_unlogged = self._refusals_unlogged, 0
+        self._refusals_logged_at = now
+        return unlogged
 
     @property
     def busy(self) -> int:
@@ -184,7 +199,11 @@ async def serve_connection(
     try:
         if slots.open > slots.limit:
             error = TooManyConnections(f"more than {slots.limit} open connections")
-            await _refuse(stream, conn, error, time.monotonic())
+            since = time.monotonic()
+            await _send_quietly(stream, conn.error_response(error, close=True))
+            unlogged = slots.refusal_to_log()
+            if unlogged is not None:
+                log_request(None, None, 503, since, outcome=error.code, unlogged=unlogged)
             return
         first = True
         while True:

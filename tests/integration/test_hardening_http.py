@@ -632,15 +632,29 @@ def test_connections_past_the_cap_get_503_and_close(
             assert sock.recv(4096).startswith(b"HTTP/1.1 200 "), "a held connection failed"
             held.append(sock)  # served and kept alive: it certainly counts
         try:
-            for via in ("unix", "tcp"):
-                before = request_lines(daemon)
+            before = request_lines(daemon)
+            for via in ("unix", "tcp") * 10:
                 responses, closed = exchange(
                     daemon, via, b"GET /healthz HTTP/1.1\r\n" + HOST + b"\r\n"
                 )
                 assert [r.status for r in responses] == [503], responses
                 check_error(responses[0], 503, "too_many_connections")
                 assert responses[0].closes and closed
-                logged_after(daemon, before, status=503, outcome="too_many_connections")
+
+            # A flood of refusals is logged as a line a second, each saying how many went
+            # unlogged since the last: every refusal is a line or counted in one.
+            def refusals() -> list[dict[str, Any]]:
+                records = log_events(daemon, "request")[before:]
+                return [r for r in records if r.get("outcome") == "too_many_connections"]
+
+            flood = wait_for(refusals, "the flood's log line", timeout=5.0)
+            assert flood[0]["unlogged"] == 0 and len(flood) <= 3, flood
+            time.sleep(1.1)
+            before = request_lines(daemon)
+            responses, _ = exchange(daemon, "unix", b"GET /healthz HTTP/1.1\r\n" + HOST + b"\r\n")
+            assert [r.status for r in responses] == [503], responses
+            later = logged_after(daemon, before, status=503, outcome="too_many_connections")
+            assert sum(1 + r["unlogged"] for r in flood) + later["unlogged"] == 20
         finally:
             held.pop().close()
         wait_for(
