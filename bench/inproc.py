@@ -28,7 +28,8 @@ os.dup2(2, 1)
 
 def _engine_kind(paths: dict[str, str], threads: int, n_ctx: int) -> Any:
     """A runner for the low-level loop (modeld's Engine)."""
-    from modeld.worker.engine import CancelFlag, Engine, GenerateSpec, LoadSpec, init_backend
+    from modeld.worker.engine import CancelFlag, Engine, GenerateSpec, LoadSpec
+    from modeld.worker.llama_log import init_backend
 
     init_backend(debug=False)
     engines = {}

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import llama_cpp.llama_cpp as llama
 
+from modeld.worker import llama_log
 from modeld.worker.textstream import TextStream
 
 __all__ = [
@@ -29,7 +30,6 @@ __all__ = [
     "LoadError",
     "LoadSpec",
     "Sink",
-    "init_backend",
 ]
 
 # Tokens made within this long of the last write wait to go out with the next one. Each
@@ -39,8 +39,6 @@ __all__ = [
 STREAM_INTERVAL_S = 0.010
 PIECE_BUF_BYTES = 256  # longest token piece we expect; a longer one is retried with its size
 WARMUP_TOKEN_FALLBACK = 0  # token decoded for warm-up when the model has no BOS
-LOG_ERROR_LEVEL = 4  # GGML_LOG_LEVEL_ERROR: the only llama.cpp logs kept when not debugging
-LOG_CONT_LEVEL = 5  # GGML_LOG_LEVEL_CONT: continuation of the previous message
 TOKEN_BYTES = ctypes.sizeof(llama.llama_token)  # stride of the token buffer
 KV_BYTES_PER_VALUE = 2  # default K/V cache type is f16
 FLASH_ATTN = {  # the load op's flash_attn values, as llama.cpp's enum
@@ -97,37 +95,6 @@ class GenerateSpec:
     top_k: int
     seed: int | None
     stop: tuple[str, ...]
-
-
-class _LlamaLog:
-    """Routes llama.cpp/ggml logs: to stderr when debugging, else only errors; can capture."""
-
-    def __init__(self, debug: bool) -> None:
-        self.debug = debug
-        self.capture: list[bytes] | None = None
-        self._last_level = 0
-        self.callback = llama.llama_log_callback(self._on_log)
-
-    def _on_log(self, level: int, text: bytes | None, _user: int | None) -> None:
-        if text is None:
-            return
-        if level != LOG_CONT_LEVEL:
-            self._last_level = level
-        if self.capture is not None:
-            self.capture.append(text)
-        if self.debug or self._last_level >= LOG_ERROR_LEVEL:
-            os.write(2, text)
-
-
-_log: _LlamaLog | None = None  # kept alive for as long as llama.cpp may call it
-
-
-def init_backend(*, debug: bool) -> None:
-    """Install the log callback and initialise llama.cpp's backends (once, before hello)."""
-    global _log
-    _log = _LlamaLog(debug)
-    llama.llama_log_set(_log.callback, None)
-    llama.llama_backend_init()
 
 
 def _rss_mb() -> float:
@@ -189,14 +156,8 @@ class Engine:
         cparams.n_threads_batch = spec.threads
         cparams.flash_attn_type = FLASH_ATTN[spec.flash_attn]
         cparams.no_perf = True
-        captured: list[bytes] = []
-        if _log is not None:
-            _log.capture = captured
-        try:
+        with llama_log.captured() as captured:  # the context's buffer sizes are logged
             ctx = llama.llama_init_from_model(model, cparams)
-        finally:
-            if _log is not None:
-                _log.capture = None
         if not ctx:
             llama.llama_model_free(model)
             raise LoadError("llama.cpp could not create a context (out of memory?)")

@@ -29,8 +29,8 @@ from modeld.worker.engine import (
     GenerateSpec,
     LoadError,
     LoadSpec,
-    init_backend,
 )
+from modeld.worker.llama_log import init_backend
 
 __all__ = ["Channel", "main", "parse_generate", "parse_load"]
 

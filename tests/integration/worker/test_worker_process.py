@@ -371,6 +371,7 @@ def test_bad_stream_interval_fails_the_load(model_path: Path, value: object) -> 
 
 def test_abort_callback_stops_a_single_prompt_chunk(model_path: Path) -> None:
     from modeld.worker import engine as eng
+    from modeld.worker import llama_log
 
     class FlipAfter(eng.CancelFlag):
         """Not cancelled for the first `n` reads, cancelled after."""
@@ -396,7 +397,7 @@ def test_abort_callback_stops_a_single_prompt_chunk(model_path: Path) -> None:
         def send(self, *events: dict[str, Any]) -> None:
             self.events.extend(events)
 
-    eng.init_backend(debug=False)
+    llama_log.init_backend(debug=False)
     spec = eng.LoadSpec(str(model_path), 2048, 0, 2, "auto", 2048)
     engine, _ = eng.Engine.load(spec)
     try:
