@@ -71,17 +71,22 @@ def log_tail(daemon: Daemon, chars: int = LOG_TAIL_CHARS) -> str:
     return daemon.log()[-chars:]
 
 
-def log_events(daemon: Daemon, *events: str) -> list[dict[str, Any]]:
-    """The daemon's JSON log records whose `event` field is one of events."""
+def log_records(daemon: Daemon, field: str, *values: str) -> list[dict[str, Any]]:
+    """The daemon's JSON log records whose `field` is one of values."""
     out = []
     for line in daemon.log().splitlines():
         try:
             rec = json.loads(line)
         except ValueError:
             continue
-        if isinstance(rec, dict) and rec.get("event") in events:
+        if isinstance(rec, dict) and rec.get(field) in values:
             out.append(rec)
     return out
+
+
+def log_events(daemon: Daemon, *events: str) -> list[dict[str, Any]]:
+    """The daemon's JSON log records whose `event` field is one of events."""
+    return log_records(daemon, "event", *events)
 
 
 @pytest.fixture(params=["unix", "tcp"])

@@ -8,7 +8,6 @@ half-way leaves no socket file behind.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 
 from tests.conftest import ModelStore, link
 from tests.helpers.daemon import Daemon
-from tests.integration.conftest import BASE_ARGS, log_events, running, stream_to_end
+from tests.integration.conftest import BASE_ARGS, log_events, log_records, running, stream_to_end
 
 SHORT = {"max_tokens": 4, "temperature": 0.0}
 
@@ -35,15 +34,7 @@ def failed_start(daemon: Daemon) -> str:
 
 
 def records(daemon: Daemon, level: str) -> list[dict[str, Any]]:
-    out = []
-    for line in daemon.log().splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and rec.get("level") == level:
-            out.append(rec)
-    return out
+    return log_records(daemon, "level", level)
 
 
 # ---- the models dir --------------------------------------------------------------------------
