@@ -44,7 +44,7 @@ class ModelInfo:
 
     id: str
     size_bytes: int | None
-    est_vram_mb: int | None
+    est_vram_mb: int | None  # the GGUF estimate (a daemon's `estimate_mb` when it sends one)
     vram_mb: int | None
     state: str
     error: str | None
@@ -52,10 +52,11 @@ class ModelInfo:
     @classmethod
     def from_json(cls, value: Any) -> ModelInfo:
         obj = _obj(value)
+        estimate = _int(obj, "estimate_mb") if "estimate_mb" in obj else _int(obj, "est_vram_mb")
         return cls(
             id=_str(obj, "id") or _str(obj, "name") or "?",
             size_bytes=_int(obj, "size_bytes"),
-            est_vram_mb=_int(obj, "est_vram_mb"),
+            est_vram_mb=estimate,
             vram_mb=_int(obj, "vram_mb"),
             state=_str(obj, "state") or "?",
             error=_str(obj, "error"),

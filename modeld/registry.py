@@ -46,13 +46,19 @@ class ModelSpec:
     invalid: str | None = None  # why the file cannot be served, when it cannot
     stamp: tuple[int, int, int] = (0, 0, 0)  # (mtime_ns, size, inode): a new file, a new spec
 
+    @property
+    def public_estimate_mb(self) -> int | None:
+        """The estimate as shown to clients: none for a file that cannot be served."""
+        return None if self.invalid else self.est_vram_mb
+
     def public(self) -> dict[str, object]:
         return {
             "id": self.id,
             "name": self.id,
             "path": str(self.path),
             "size_bytes": self.size_bytes,
-            "est_vram_mb": None if self.invalid else self.est_vram_mb,  # nothing to estimate
+            "est_vram_mb": self.public_estimate_mb,
+            "estimate_mb": self.public_estimate_mb,
         }
 
 

@@ -155,6 +155,8 @@ class App:
             if inst is not None and inst.spec == spec:
                 entry["state"] = str(inst.state)
                 entry["vram_mb"] = inst.vram_mb
+                if inst.vram_mb is not None:  # once loaded, the figure the budget counts
+                    entry["est_vram_mb"] = inst.vram_mb
                 entry["error"] = inst.error if inst.state is State.ERROR else None
             else:
                 entry["state"] = str(State.ERROR if spec.invalid else State.UNLOADED)

@@ -67,7 +67,7 @@ class Generation(Protocol):
 class LoadedInfo:
     """What a load measured about the instance."""
 
-    vram_mb: int  # memory the instance really takes (NVML on a GPU, worker RSS without)
+    vram_mb: int  # memory the instance really takes (NVML on a GPU; see Engine.load on a CPU)
     n_ctx: int
     n_ctx_train: int = 0
     load_ms: float = 0.0

@@ -38,7 +38,7 @@ def instance_status(inst: Instance, now: float) -> dict[str, Any]:
         "model_id": inst.model_id,
         "state": str(inst.state),
         "last_used": inst.last_used_wall,
-        "est_vram_mb": inst.spec.est_vram_mb,
+        "est_vram_mb": inst.spec.public_estimate_mb,
         "vram_mb": inst.vram_mb,
         "inflight": inst.inflight,
         "queue_depth": len(inst.queue),

@@ -49,6 +49,13 @@ FLASH_ATTN = {  # the load op's flash_attn values, as llama.cpp's enum
 # llama.cpp logs each context buffer as "<dev> KV|compute|output|RS buffer size = X MiB".
 _CTX_BUFFER_RE = re.compile(rb"\b(?:KV|compute|output|RS) buffer size =\s*([0-9.]+) MiB")
 _MIB = 1024 * 1024
+# On the CPU, memory beyond llama.cpp's model and context buffers that a worker touches
+# once a long prompt runs (thread pool work buffers, token buffers, allocator slack):
+# 12-13 MiB measured on models from 0.5 to 92 MiB (docs/vram.md).
+CPU_RUNTIME_MB = 16.0
+# A GPU warm-up decodes this many tokens, so the first prompt's one-time allocations (cuBLAS
+# workspace, memory pools: about 100 MB on an H200) are made before memory is measured.
+GPU_WARMUP_TOKENS = 32
 
 
 class Sink(Protocol):
@@ -143,6 +150,7 @@ class Engine:
         if not os.path.isfile(spec.path):
             raise LoadError("model file not found")
         t0 = time.perf_counter()
+        base_mb = _rss_mb()  # the process before the model: interpreter, llama.cpp's code
         mparams = llama.llama_model_default_params()
         mparams.n_gpu_layers = spec.n_gpu_layers
         model = llama.llama_model_load_from_file(spec.path.encode(), mparams)
@@ -163,19 +171,28 @@ class Engine:
             raise LoadError("llama.cpp could not create a context (out of memory?)")
         engine = cls(model, ctx, spec)
         load_ms = (time.perf_counter() - t0) * 1000.0
-        warmup_ms = engine._warm_up()
+        on_gpu = spec.n_gpu_layers != 0 and llama.llama_supports_gpu_offload()
+        warmup_ms = engine._warm_up(GPU_WARMUP_TOKENS if on_gpu else 1)
         info = engine._describe(captured)
-        info.update(load_ms=load_ms, warmup_ms=warmup_ms, rss_mb=_rss_mb())
+        rss_mb = _rss_mb()
+        # RSS right after the warm-up misses the KV cache and compute buffer pages a long
+        # prompt will touch; llama.cpp's own buffer sizes do not.
+        sized_mb = base_mb + (info["model_bytes"] + info["ctx_bytes"]) / _MIB + CPU_RUNTIME_MB
+        info.update(
+            load_ms=load_ms, warmup_ms=warmup_ms, rss_mb=rss_mb, mem_mb=max(rss_mb, sized_mb)
+        )
         return engine, info
 
-    def _warm_up(self) -> float:
-        """Decode one token and sample one so first-request costs are paid now; return ms."""
+    def _warm_up(self, n_tokens: int) -> float:
+        """Decode n_tokens and sample one so first-request costs are paid now; return ms."""
         t0 = time.perf_counter()
         bos = llama.llama_vocab_bos(self._vocab)
-        self._tokens[0] = bos if bos >= 0 else WARMUP_TOKEN_FALLBACK
+        n = max(1, min(n_tokens, self._n_batch, self.n_ctx))
+        for i in range(n):
+            self._tokens[i] = bos if bos >= 0 else WARMUP_TOKEN_FALLBACK
         smpl = llama.llama_sampler_init_greedy()
         try:
-            if llama.llama_decode(self._ctx, llama.llama_batch_get_one(self._tokens, 1)) == 0:
+            if llama.llama_decode(self._ctx, llama.llama_batch_get_one(self._tokens, n)) == 0:
                 llama.llama_sampler_sample(smpl, self._ctx, -1)
         finally:
             llama.llama_sampler_free(smpl)

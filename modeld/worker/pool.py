@@ -127,7 +127,7 @@ class ProcessBackend:
         if self.settings.gpu:
             vram = process_vram_mb(worker.pid)
         if vram is None:
-            vram = round(float(msg.get("rss_mb", 0.0)))
+            vram = round(float(msg.get("mem_mb", 0.0)))
         info = LoadedInfo(
             vram_mb=vram,
             n_ctx=int(msg.get("n_ctx", self.settings.n_ctx)),

@@ -149,3 +149,26 @@ def test_a_file_that_aborts_llama_cpp_kills_only_its_worker(daemon: Daemon, bad:
     entry = next(m for m in client.get("/models").json()["models"] if m["id"] == bad)
     assert entry["state"] == "error" and entry["error"], entry
     stream_to_end(client, {"model": "tiny2", "prompt": "hi", **SHORT})
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def test_the_accounted_memory_covers_a_long_prompt(daemon: Daemon) -> None:
+    """On the CPU the figure the budget counts is not the RSS right after the warm-up:
+    a long prompt touches the KV cache and compute buffer, and the figure covers them."""
+    client = daemon.client()
+    stream_to_end(client, {"model": "tiny", "prompt": "hi", **SHORT})
+    pid = worker_for(daemon, daemon.models_dir / "tiny.gguf")
+    accounted = instance(daemon, "tiny.gguf")["vram_mb"]
+    before = _rss_mb(pid)
+    stream_to_end(client, {"model": "tiny", "prompt": "the cat sat on the mat " * 150, **SHORT})
+    after = _rss_mb(pid)
+    print(f"RSS {before:.0f} -> {after:.0f} MiB after a long prompt; accounted {accounted} MiB")
+    assert after > before  # the prompt really touched more memory ...
+    assert accounted >= after  # ... and the budget already counted it
+    entry = next(m for m in client.get("/models").json()["models"] if m["id"] == "tiny.gguf")
+    assert entry["est_vram_mb"] == entry["vram_mb"] == accounted  # /models: measured once loaded
+    assert entry["estimate_mb"] >= accounted  # the estimate did not run low either
