@@ -77,6 +77,7 @@ class ModelctlGroup(click.Group):
     "--socket",
     "socket_path",
     metavar="PATH",
+    type=click.Path(dir_okay=False),
     envvar=SOCKET_ENV,
     help=f"The daemon's Unix socket [env {SOCKET_ENV}; default: {default_socket_path()}].",
 )

@@ -19,6 +19,8 @@ from modelctl.schema import Instance, ModelInfo, Outcome, Status, Vram
 
 BAR_WIDTH = 40  # cells in the VRAM bar: fine-grained enough, fits an 80-column terminal
 NO_VALUE = "-"  # what a column shows for an unknown figure
+# States whose memory the budget counts (the daemon's RESIDENT): the estimate until measured.
+RESERVING_STATES = frozenset({"loading", "ready", "unloading"})
 COLUMN_GAP = 3  # cells between two columns of `_table`: padding, blank divider, padding
 STATE_MIN_WIDTH = len("unloading")  # a squeezed STATE column still shows every state whole
 NAME_MIN_WIDTH = 16  # a squeezed model id still shows enough to tell models apart
@@ -164,11 +166,11 @@ def _counters_line(status: Status) -> Text:
 
 
 def _instance_vram(inst: Instance) -> str:
-    """Measured VRAM, or `~` the estimate while it is reserved; an instance in `error`
-    holds none (and the estimate of a file that would not load may be no estimate)."""
+    """Measured VRAM, or `~` the estimate while a load reserves it; an instance that is
+    not resident (unloaded, error) holds none, as in the budget's `used_mb`."""
     if inst.vram_mb is not None:
         return fmt_mb(inst.vram_mb)
-    if inst.est_vram_mb is None or inst.state == "error":
+    if inst.est_vram_mb is None or inst.state not in RESERVING_STATES:
         return NO_VALUE
     return f"~{inst.est_vram_mb} MB"
 

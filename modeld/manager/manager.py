@@ -175,13 +175,16 @@ class Manager:
             self.rejected["overloaded"] += 1
             raise Overloaded(
                 f"{self.inflight} generations running, the limit is {cap}",
-                retry_after_ms=self._retry_after_ms(None, 0),
+                retry_after_ms=self._first_free_ms(),
             )
         idle = inst.inflight == 0 and not inst.queue  # this request would not wait behind others
-        if len(inst.queue) >= self.config.max_queue_depth and not idle:
+        # With nothing running (the model loading or waiting for room), the head of the
+        # queue is the request that runs first, not one waiting behind another.
+        waiting = len(inst.queue) - (1 if inst.queue and inst.inflight == 0 else 0)
+        if waiting >= self.config.max_queue_depth and not idle:
             self.rejected["queue_full"] += 1
             raise QueueFull(
-                _queue_full_message(inst.model_id, len(inst.queue), self.config.max_queue_depth),
+                _queue_full_message(inst.model_id, waiting, self.config.max_queue_depth),
                 retry_after_ms=self._retry_after_ms(inst, len(inst.queue)),
             )
         if inst.state is State.ERROR and anyio.current_time() < inst.retry_at:
@@ -199,6 +202,7 @@ class Manager:
             inst.queue.remove(waiter)
         except ValueError:
             pass
+        self._forget_if_unused(inst)
         self._pump()
 
     def _release(self, inst: Instance, gen_ms: float | None) -> None:
@@ -210,17 +214,35 @@ class Manager:
             self._gen_ms = _ewma(self._gen_ms, gen_ms)
         self._pump()
 
-    def _retry_after_ms(self, inst: Instance | None, ahead: int) -> int:
+    def _retry_after_ms(self, inst: Instance, ahead: int) -> int:
         """Estimate when a retry could succeed from the queue ahead and recent timings.
 
-        Each request ahead takes the recent average; the running one, what is left of it
-        (at least a tenth of the average, as it may run long).
+        Each request ahead takes the recent average; the running one, what is left of it.
         """
-        per = (inst.gen_ms if inst else None) or self._gen_ms or DEFAULT_GEN_MS
-        if inst is None or not inst.inflight:
+        per = self._per_request_ms(inst)
+        if not inst.inflight:
             return int(per * ahead or per)
+        return int(self._remaining_ms(inst) + per * ahead)
+
+    def _first_free_ms(self) -> int:
+        """When the first of the running generations is likely to end (for `overloaded`)."""
+        running = [i for i in self.instances.values() if i.inflight]
+        if not running:
+            return int(self._gen_ms or DEFAULT_GEN_MS)
+        return int(min(self._remaining_ms(i) for i in running))
+
+    def _per_request_ms(self, inst: Instance) -> float:
+        return inst.gen_ms or self._gen_ms or DEFAULT_GEN_MS
+
+    def _remaining_ms(self, inst: Instance) -> float:
+        """What is likely left of inst's running generation.
+
+        The average minus the time it has run; one that has outlasted the average is
+        probably a long one, so at least half the time it has already run.
+        """
+        per = self._per_request_ms(inst)
         elapsed_ms = (anyio.current_time() - inst.turn_started) * 1000
-        return int(max(per - elapsed_ms, per / 10) + per * ahead)
+        return max(per - elapsed_ms, elapsed_ms / 2, per / 10)
 
     # ---- the scheduler ---------------------------------------------------------------
 

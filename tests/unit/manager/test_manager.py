@@ -430,3 +430,52 @@ async def test_a_queue_timeout_hint_counts_only_the_requests_ahead() -> None:
             await generate(m, "a")  # first in line: only the running one is ahead of it
         # 100 ms in when it queued, 200 ms of waiting: ~700 ms left of the running one
         assert 650 <= err.value.retry_after_ms <= 750, err.value.retry_after_ms
+
+
+async def test_a_cold_model_runs_one_and_queues_the_full_depth() -> None:
+    backend = FakeBackend()
+    backend.load_s = 1.0
+    hold = anyio.Event()
+    async with running(backend, max_queue_depth=2) as m, anyio.create_task_group() as tg:
+        for _ in range(3):  # while it loads: the one that runs first, then two queued
+            tg.start_soon(generate, m, "a", 3, hold)
+            await settle()
+        assert m.instances["a"].state is State.LOADING
+        with pytest.raises(QueueFull) as err:
+            await generate(m, "a")
+        assert "2 requests already queued" in err.value.message
+        hold.set()
+
+
+async def test_a_hint_behind_a_request_past_the_average_grows_with_its_age() -> None:
+    backend = FakeBackend()  # a token every 10 ms
+    async with running(backend, max_queue_depth=0) as m, anyio.create_task_group() as tg:
+        await generate(m, "a", tokens=10)  # the average generation: 100 ms
+        tg.start_soon(generate, m, "a", 1000)
+        await anyio.sleep(4.0)  # far past the average: a long one
+        with pytest.raises(QueueFull) as err:
+            await generate(m, "a")
+        assert err.value.retry_after_ms >= 1_900, err.value.retry_after_ms  # half its age
+
+
+async def test_the_overloaded_hint_is_when_the_first_running_request_ends() -> None:
+    backend = FakeBackend()  # a token every 10 ms
+    async with running(backend, max_inflight=1) as m, anyio.create_task_group() as tg:
+        await generate(m, "a", tokens=100)  # the average generation: 1,000 ms
+        tg.start_soon(generate, m, "a", 100)
+        await anyio.sleep(0.7)
+        with pytest.raises(Overloaded) as err:
+            await generate(m, "b")
+        assert 250 <= err.value.retry_after_ms <= 350, err.value.retry_after_ms
+
+
+async def test_a_request_that_gives_up_on_a_model_never_loaded_leaves_no_instance() -> None:
+    backend = FakeBackend(sizes={"a": 600, "b": 600})
+    hold = anyio.Event()
+    async with running(backend, max_wait_ms=300) as m, anyio.create_task_group() as tg:
+        tg.start_soon(generate, m, "a", 3, hold)
+        await anyio.sleep(1)
+        with pytest.raises(QueueTimeout):
+            await generate(m, "b")  # no room while a runs
+        assert "b" not in m.instances and "b" not in backend.loads
+        hold.set()
