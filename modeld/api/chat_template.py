@@ -6,7 +6,8 @@ capped) with only the helpers Hugging Face templates expect (`raise_exception`,
 `strftime_now`, `tojson`, `bos_token`, `eos_token`, `add_generation_prompt`). Whatever
 goes wrong while compiling or rendering becomes a `ModeldError` with a clear message,
 never a traceback. A model without a template gets `FALLBACK_TEMPLATE`, a plain ChatML.
-Pure: no I/O, no event loop; `modeld.api.openai` runs it off the event loop.
+Pure: no I/O, no event loop. The model's worker process renders (`modeld.worker.chat`), so
+a template that runs away costs the worker, which can be stopped, never the daemon.
 """
 
 from __future__ import annotations
@@ -140,6 +141,11 @@ def compile_template(source: str) -> jinja2.Template:
 def end_of_turn_stops(source: str, eos: str) -> tuple[str, ...]:
     """The end-of-turn markers `source` writes that are not the EOS itself."""
     return tuple(m for m in END_OF_TURN_MARKERS if m in source and m != eos)
+
+
+def template_stops(template: str | None, eos: str) -> tuple[str, ...]:
+    """The end-of-turn stops a chat with `template` (or the fallback, for none) implies."""
+    return end_of_turn_stops(str(template) if template else FALLBACK_TEMPLATE, eos)
 
 
 def render_chat(

@@ -5,9 +5,9 @@ OpenAI's error shape names the first bad field), resolves the model in the regis
 hands `run_generation` (modeld.api.infer) a sink that writes OpenAI's objects: SSE chunks
 ending in `data: [DONE]` when streaming, one JSON object with `usage` when not. Queueing,
 loading, eviction, 429s, disconnect cancellation and the request log all happen there,
-exactly as for `/infer`. A chat prompt is rendered once the model is loaded, with the
-template and BOS/EOS texts the worker reported, in a thread under a deadline, so a
-pathological template cannot stall the event loop. Errors before the response starts are
+exactly as for `/infer`. A chat goes to the model's worker as messages; the worker renders
+them with the model's template under a deadline (`modeld.worker.chat`), so a pathological
+template costs that worker, never the event loop. Errors before the response starts are
 `{"error": {"message", "type", "param", "code"}}` with modeld's code and HTTP status.
 """
 
@@ -22,11 +22,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import anyio
-import anyio.to_thread
-
 from modeld.api.app import App, AppState
-from modeld.api.chat_template import ChatTemplateError, render_chat
+from modeld.api.chat_template import ChatTemplateError, template_stops
 from modeld.api.infer import SSE, Outcome, resolve_model, run_generation, track_request
 from modeld.api.openai_request import OpenAIRequest, parse_chat, parse_completion
 from modeld.errors import ModeldError
@@ -36,7 +33,6 @@ from modeld.manager.backend import Finished, GenParams, LoadedInfo, Started
 
 log = logging.getLogger("modeld.api")
 
-TEMPLATE_TIMEOUT_S = 5.0  # a chat template renders in well under a millisecond
 DONE = b"data: [DONE]\n\n"  # the SSE line that ends every OpenAI stream
 # modeld's finish reasons that OpenAI has too; anything else (a cancelled run nobody
 # reads) is reported as "stop".
@@ -166,24 +162,14 @@ async def _respond_json(
 
 
 async def chat_params(parsed: OpenAIRequest, model_id: str, info: LoadedInfo) -> GenParams:
-    """Render the conversation with the loaded model's template; add its end-of-turn stops."""
+    """The conversation for the worker to render with the model's template (see
+    `modeld.worker.chat`), plus the end-of-turn stops that template implies."""
     assert parsed.messages is not None
-    render = functools.partial(
-        render_chat,
-        info.chat_template,
-        parsed.messages,
-        bos=str(info.extra.get("bos") or ""),
-        eos=str(info.extra.get("eos") or ""),
-    )
-    try:
-        with anyio.fail_after(TEMPLATE_TIMEOUT_S):
-            rendered = await anyio.to_thread.run_sync(render, abandon_on_cancel=True)
-    except TimeoutError:
-        raise ChatTemplateError(
-            f"the chat template of {model_id!r} took longer than {TEMPLATE_TIMEOUT_S:g} s"
-        ) from None
-    stop = parsed.params.stop + tuple(s for s in rendered.stop if s not in parsed.params.stop)
-    return dataclasses.replace(parsed.params, prompt=rendered.prompt, stop=stop)
+    eos = str(info.extra.get("eos") or "")
+    implied = template_stops(info.chat_template, eos)
+    stop = parsed.params.stop + tuple(s for s in implied if s not in parsed.params.stop)
+    messages = tuple(m.for_template() for m in parsed.messages)
+    return dataclasses.replace(parsed.params, messages=messages, stop=stop)
 
 
 # ---- handlers -------------------------------------------------------------------------

@@ -25,6 +25,8 @@ class GenParams:
     top_k: int = 40
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # A chat: the worker renders these with the model's template into the prompt.
+    messages: tuple[dict[str, str], ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from modeld.errors import (
     ModeldError,
     ModelLoadFailed,
     PromptTooLong,
+    TemplateError,
     WorkerCrashed,
 )
 from modeld.manager.backend import (
@@ -68,6 +69,7 @@ SCRUBBED_ENV = (
 ERROR_CODES: dict[str, type[ModeldError]] = {
     "prompt_too_long": PromptTooLong,
     "invalid_request": InvalidRequest,
+    "template_error": TemplateError,
 }
 # The request field each worker error code is about (the `param` of the error object).
 ERROR_PARAMS: dict[str, str] = {
@@ -313,7 +315,10 @@ class WorkerProcess:
         code = str(msg.get("code"))
         cls = ERROR_CODES.get(code, GenerationFailed)
         message = str(msg.get("message", "generation failed"))
-        return Failed(cls(message, param=ERROR_PARAMS.get(code)))
+        param = msg.get("param")
+        return Failed(
+            cls(message, param=param if isinstance(param, str) else ERROR_PARAMS.get(code))
+        )
 
     async def _deliver(self, rid: int, event: GenEvent) -> None:
         stream = self._active.get(rid)
@@ -399,6 +404,7 @@ class WorkerModel:
                     "top_k": params.top_k,
                     "seed": params.seed,
                     "stop": list(params.stop),
+                    **({} if params.messages is None else {"messages": list(params.messages)}),
                 }
             )
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):

@@ -102,6 +102,7 @@ class GenerateSpec:
     top_k: int
     seed: int | None
     stop: tuple[str, ...]
+    messages: tuple[dict[str, str], ...] | None = None  # a chat: the prompt is rendered first
 
 
 def _rss_mb() -> float:

@@ -12,6 +12,7 @@ both exit at once.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import queue
@@ -21,6 +22,8 @@ import time
 import traceback
 from typing import Any
 
+from modeld.errors import ModeldError
+from modeld.worker.chat import ChatTemplate, parse_messages, render
 from modeld.worker.engine import (
     FLASH_ATTN,
     STREAM_INTERVAL_S,
@@ -134,7 +137,8 @@ def _stream_interval_s(obj: dict[str, Any]) -> float:
 def parse_generate(obj: dict[str, Any]) -> GenerateSpec:
     """Validate a `generate` op (ValueError says what is wrong)."""
 
-    prompt = obj.get("prompt")
+    messages = parse_messages(obj["messages"]) if "messages" in obj else None
+    prompt = obj.get("prompt", "" if messages is not None else None)
     if not isinstance(prompt, str):
         raise ValueError("prompt must be a string")
     stop = obj.get("stop") or []
@@ -157,6 +161,7 @@ def parse_generate(obj: dict[str, Any]) -> GenerateSpec:
         top_k=_int(obj, "top_k", low=0),
         seed=seed,
         stop=tuple(stop),
+        messages=messages,
     )
 
 
@@ -172,6 +177,7 @@ class Worker:
         self._lock = threading.Lock()
         self._current: tuple[int, CancelFlag] | None = None  # queued or running generate
         self._engine: Engine | None = None
+        self._template = ChatTemplate(None)  # the loaded model's, for chats
         self._load_requested = False
         self._loading = False  # a load is queued or running
 
@@ -302,6 +308,7 @@ class Worker:
         finally:
             with self._lock:
                 self._loading = False
+        self._template = ChatTemplate(info.get("chat_template"), info["bos"], info["eos"])
         self._chan.send({"ev": "loaded", **info})
         return True
 
@@ -309,8 +316,14 @@ class Worker:
         try:
             if self._engine is None:
                 self.send(_error(spec.id, "invalid_request", "no model is loaded"))
-            else:
-                self._engine.generate(spec, flag, self)
+                return
+            if spec.messages is not None:
+                try:
+                    spec = dataclasses.replace(spec, prompt=render(self._template, spec.messages))
+                except ModeldError as exc:
+                    self.send(_error(spec.id, exc.code, exc.message, exc.param))
+                    return
+            self._engine.generate(spec, flag, self)
         except Exception as exc:  # a bug here must end the request, not the worker
             traceback.print_exc()
             with self._lock:
@@ -330,8 +343,9 @@ class Worker:
         self._chan.send(*events)
 
 
-def _error(rid: int, code: str, message: str) -> dict[str, Any]:
-    return {"ev": "error", "id": rid, "code": code, "message": message}
+def _error(rid: int, code: str, message: str, param: str | None = None) -> dict[str, Any]:
+    event = {"ev": "error", "id": rid, "code": code, "message": message}
+    return event if param is None else {**event, "param": param}
 
 
 def _log(message: str) -> None:

@@ -6,6 +6,7 @@ very same path as `/infer`; SmolLM2 checks that a real chat template gives a rea
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +40,8 @@ HI_CHATML = "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
 # seconds, which the queue test needs; for a 2-layer, 64-wide model it costs a few MB.
 DAEMON_ARGS = ("--threads", "1", "--n-ctx", "16384", "--max-queue-depth", "1")
 WAIT_S = 30.0  # for a state the daemon reaches in milliseconds
+# A template that would loop for days: 10^10 iterations, each within Jinja's range cap.
+SPIN = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}x"
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +50,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_tiny_llama(d / "tiny.gguf")  # no chat template: chat uses the ChatML fallback
     write_tiny_llama(d / "chat.gguf", seed=1, chat_template=CHATML)
     write_tiny_llama(d / "evil.gguf", seed=2, chat_template="{{ ''.__class__.__mro__ }}")
+    write_tiny_llama(d / "spin.gguf", seed=3, chat_template=SPIN)
     return d
 
 
@@ -93,7 +97,7 @@ def infer_text(daemon: Daemon, model: str, prompt: str, max_tokens: int) -> dict
 
 def test_models_list(client: openai.OpenAI) -> None:
     models = client.models.list()
-    assert sorted(m.id for m in models.data) == ["chat.gguf", "evil.gguf", "tiny.gguf"]
+    assert sorted(m.id for m in models.data) == ["chat.gguf", "evil.gguf", "spin.gguf", "tiny.gguf"]
     assert all(m.object == "model" and m.owned_by == "modeld" for m in models.data)
     assert all(m.created > 0 for m in models.data)
 
@@ -188,7 +192,8 @@ def test_unknown_model_is_not_found(client: openai.OpenAI) -> None:
     assert info.value.response.json() == {
         "error": {
             "message": (
-                "no model 'nope' in the models dir; available: chat.gguf, evil.gguf, tiny.gguf"
+                "no model 'nope' in the models dir; "
+                "available: chat.gguf, evil.gguf, spin.gguf, tiny.gguf"
             ),
             "type": "not_found_error",
             "param": "model",
@@ -252,6 +257,35 @@ def test_an_unsafe_template_fails_safely(client: openai.OpenAI, daemon: Daemon) 
     assert daemon.client().get("/healthz").status == 200
     ok = client.completions.create(model="evil", prompt="x", max_tokens=1)
     assert ok.choices[0].finish_reason == "length"
+
+
+def test_a_runaway_template_is_stopped_in_the_worker(client: openai.OpenAI, daemon: Daemon) -> None:
+    """The template loops for days: the daemon stays quick meanwhile, the render is stopped
+    at its deadline, and the model's worker serves the next request (it was not stuck)."""
+    probes: list[float] = []
+
+    def probe_health() -> None:
+        for _ in range(20):
+            t0 = time.monotonic()
+            assert daemon.client().get("/healthz").status == 200
+            probes.append(time.monotonic() - t0)
+            time.sleep(0.1)
+
+    prober = threading.Thread(target=probe_health)
+    started = time.monotonic()
+    prober.start()
+    with pytest.raises(openai.InternalServerError) as info:
+        client.chat.completions.create(model="spin", messages=HI, max_tokens=1)
+    elapsed = time.monotonic() - started
+    prober.join()
+    error = info.value.response.json()["error"]
+    assert error["code"] == "template_error" and "longer than 5 s" in error["message"], error
+    assert 4.5 < elapsed < 15, elapsed
+    assert max(probes) < 0.5, probes  # the event loop never ran the template
+    ok = client.completions.create(model="spin", prompt="x", max_tokens=1)
+    assert ok.choices[0].finish_reason == "length"
+    spin = daemon.instance("spin.gguf")
+    assert spin is not None and spin["loads"] == 1  # the same worker, not a reload
 
 
 def test_a_full_queue_is_a_rate_limit_error(client: openai.OpenAI, daemon: Daemon) -> None:
