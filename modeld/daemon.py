@@ -24,7 +24,7 @@ import anyio
 import anyio.abc
 import anyio.streams.stapled
 
-from modeld.api.app import App, AppState
+from modeld.api.app import App, AppState, error_body
 from modeld.api.infer import describe_available
 from modeld.api.openai import install as install_openai
 from modeld.config import Config
@@ -298,7 +298,9 @@ class Daemon:
                     raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 except (OSError, anyio.TypedAttributeLookupError):
                     pass
-            conns.start_soon(serve_connection, stream, app, self.cfg.limits, item.info, self.slots)
+            conns.start_soon(
+                serve_connection, stream, app, self.cfg.limits, item.info, self.slots, error_body
+            )
 
     async def _signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:

@@ -72,6 +72,7 @@ class App:
 
     def __init__(self, state: AppState) -> None:
         self.state = state
+        self.prefix_routes: dict[str, dict[str, Route]] = {}  # "/v1/models/" -> ...
         self.routes: dict[str, dict[str, Route]] = {
             "/healthz": {"GET": self.healthz},
             "/readyz": {"GET": self.readyz},
@@ -81,8 +82,12 @@ class App:
         }
 
     def add_routes(self, routes: dict[str, dict[str, Route]]) -> None:
+        """Add routes; a path ending in `/*` matches every longer path under it."""
         for path, methods in routes.items():
-            self.routes.setdefault(path, {}).update(methods)
+            if path.endswith("/*"):
+                self.prefix_routes.setdefault(path[:-1], {}).update(methods)
+            else:
+                self.routes.setdefault(path, {}).update(methods)
 
     async def __call__(self, request: Request, res: Responder, info: ConnInfo) -> None:
         route: Route | None = None
@@ -121,6 +126,15 @@ class App:
 
     def _route(self, request: Request) -> Route:
         methods = self.routes.get(request.path)
+        if methods is None:
+            methods = next(
+                (
+                    m
+                    for prefix, m in self.prefix_routes.items()
+                    if request.path.startswith(prefix) and len(request.path) > len(prefix)
+                ),
+                None,
+            )
         if methods is None:
             raise NotFound(f"no such endpoint: {request.path}")
         route = methods.get(request.method)

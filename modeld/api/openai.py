@@ -18,6 +18,7 @@ import functools
 import json
 import logging
 import time
+import urllib.parse
 import uuid
 from pathlib import Path
 from typing import Any
@@ -26,13 +27,15 @@ from modeld.api.app import App, AppState
 from modeld.api.chat_template import ChatTemplateError, template_stops
 from modeld.api.infer import SSE, Outcome, resolve_model, run_generation, track_request
 from modeld.api.openai_request import OpenAIRequest, parse_chat, parse_completion
-from modeld.errors import ModeldError
+from modeld.errors import ModeldError, ModelNotFound
 from modeld.http.protocol import Request
 from modeld.http.server import Responder
 from modeld.manager.backend import Finished, GenParams, LoadedInfo, Started
+from modeld.registry import ModelSpec
 
 log = logging.getLogger("modeld.api")
 
+MODELS_PATH = "/v1/models/"  # + a model id: one model
 DONE = b"data: [DONE]\n\n"  # the SSE line that ends every OpenAI stream
 # modeld's finish reasons that OpenAI has too; anything else (a cancelled run nobody
 # reads) is reported as "stop".
@@ -184,12 +187,18 @@ class OpenAIApi:
     async def models(self, request: Request, res: Responder) -> None:
         registry = self.state.registry
         await registry.refresh()
-        data = [
-            {"id": spec.id, "object": "model", "created": _mtime(spec.path), "owned_by": "modeld"}
-            for spec in registry.models()
-            if spec.invalid is None
-        ]
+        data = [_model_object(spec) for spec in registry.models() if spec.invalid is None]
         await _respond_json(res, 200, {"object": "list", "data": data})
+
+    async def model(self, request: Request, res: Responder) -> None:
+        """`GET /v1/models/{id}`: one model as in the list, or 404 `model_not_found`."""
+        name = urllib.parse.unquote(request.path.removeprefix(MODELS_PATH))
+        spec = await resolve_model(self.state.registry, name, None)
+        if spec.invalid is not None:
+            raise ModelNotFound(
+                f"model {spec.id!r} cannot be served: {spec.invalid}", param="model"
+            )
+        await _respond_json(res, 200, _model_object(spec))
 
     async def completions(self, request: Request, res: Responder) -> None:
         await self._generate(request, res, chat=False)
@@ -219,6 +228,10 @@ class OpenAIApi:
             await run_generation(self.state.manager, spec, params, sink, outcome)
 
 
+def _model_object(spec: ModelSpec) -> dict[str, Any]:
+    return {"id": spec.id, "object": "model", "created": _mtime(spec.path), "owned_by": "modeld"}
+
+
 def _mtime(path: Path) -> int:
     try:
         return int(path.stat().st_mtime)
@@ -232,6 +245,7 @@ def install(app: App) -> None:
     app.add_routes(
         {
             "/v1/models": {"GET": api.models},
+            "/v1/models/*": {"GET": api.model},
             "/v1/completions": {"POST": api.completions},
             "/v1/chat/completions": {"POST": api.chat_completions},
         }

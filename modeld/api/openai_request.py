@@ -40,16 +40,29 @@ def _common(body: dict[str, Any], prompt: str, default_max_tokens: int) -> tuple
         raise InvalidRequest("only 'n': 1 is supported", param="n")
     max_tokens = v.integer(body, "max_tokens", None, lo=1, hi=v.MAX_TOKENS_CEILING)
     max_completion = v.integer(body, "max_completion_tokens", None, lo=1, hi=v.MAX_TOKENS_CEILING)
+    top_p = v.number(body, "top_p", 0.95, lo=0.0, hi=1.0)
+    top_k = v.integer(body, "top_k", 40, lo=0, hi=1 << 20) or 0
+    if top_p == 0.0:  # OpenAI allows 0: only the most likely token is left
+        top_p, top_k = 1.0, 1
     params = GenParams(
         prompt=prompt,
         max_tokens=max_completion or max_tokens or default_max_tokens,
         temperature=v.number(body, "temperature", 0.8, lo=0.0, hi=MAX_TEMPERATURE),
-        top_p=v.number(body, "top_p", 0.95, lo=0.0, hi=1.0, lo_open=True),
-        top_k=v.integer(body, "top_k", 40, lo=0, hi=1 << 20) or 0,
-        seed=v.integer(body, "seed", None, lo=0, hi=v.MAX_SEED),
+        top_p=top_p,
+        top_k=top_k,
+        seed=_seed(body),
         stop=v.stop_list(body),
     )
     return model, params
+
+
+def _seed(body: dict[str, Any]) -> int | None:
+    """OpenAI takes any 64-bit seed: a negative one means random (as -1 does in llama.cpp),
+    a larger one is folded into llama.cpp's 32 bits."""
+    seed = v.integer(body, "seed", None, lo=-(2**63), hi=2**63 - 1)
+    if seed is None or seed < 0:
+        return None
+    return seed % (v.MAX_SEED + 1)
 
 
 def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
@@ -60,6 +73,10 @@ def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
         return stream, False
     if not isinstance(options, dict):
         raise InvalidRequest("'stream_options' must be an object", param="stream_options")
+    if not stream:  # as OpenAI answers
+        raise InvalidRequest(
+            "'stream_options' is only allowed when 'stream' is true", param="stream_options"
+        )
     include = options.get("include_usage")
     if include is not None and not isinstance(include, bool):
         raise InvalidRequest(

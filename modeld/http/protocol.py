@@ -220,6 +220,15 @@ class ServerConnection:
 
     # ---- responses -------------------------------------------------------------------
 
+    def continue_response(self) -> bytes:
+        """`100 Continue` when the client holds its body back until it gets one, else b''.
+
+        A head whose declared body is over the limit never gets here: it is a 413 at once.
+        """
+        if not self._h11.they_are_waiting_for_100_continue:
+            return b""
+        return self._h11.send(h11.InformationalResponse(status_code=100, headers=[])) or b""
+
     def start_response(
         self, status: int, headers: list[tuple[str, str]], *, close: bool = False
     ) -> bytes:

@@ -123,6 +123,8 @@ class Responder:
 
 
 Handler = Callable[[Request, Responder, ConnInfo], Awaitable[None]]
+# The error object for a request path (the app's choice of shape); None: modeld's own.
+ErrorBody = Callable[[str, ModeldError], dict[str, Any]]
 
 
 def log_request(
@@ -151,11 +153,16 @@ def log_request(
 
 
 async def _refuse(
-    stream: anyio.abc.ByteStream, conn: ServerConnection, error: ModeldError, since: float
+    stream: anyio.abc.ByteStream,
+    conn: ServerConnection,
+    error: ModeldError,
+    since: float,
+    error_body: ErrorBody | None,
 ) -> None:
     """Answer an error the handler never saw (framing, limits, deadlines) and log it."""
-    await _send_quietly(stream, conn.error_response(error, close=True))
     method, path = conn.request_line()
+    body = error_body(path, error) if error_body is not None and path is not None else None
+    await _send_quietly(stream, conn.error_response(error, close=True, body=body))
     log_request(method, path, error.http_status, since, outcome=error.code)
 
 
@@ -192,8 +199,10 @@ async def serve_connection(
     limits: Limits,
     info: ConnInfo,
     slots: ConnectionSlots,
+    error_body: ErrorBody | None = None,
 ) -> None:
-    """Serve requests on one connection until it closes."""
+    """Serve requests on one connection until it closes; `error_body` shapes the errors
+    answered before the handler sees a request (after its head, when the path is known)."""
     conn = ServerConnection(limits)
     slots.open += 1
     try:
@@ -212,7 +221,7 @@ async def serve_connection(
             if outcome is None or outcome is CLOSED:
                 return
             if isinstance(outcome, Failure):
-                await _refuse(stream, conn, outcome.error, since)
+                await _refuse(stream, conn, outcome.error, since, error_body)
                 return
             assert isinstance(outcome, Request)
             responder = Responder(stream, conn, limits)
@@ -274,6 +283,8 @@ async def _read_request(
                 conn.receive(await _receive(stream))
                 outcome = conn.next()
         with anyio.fail_after(limits.body_timeout_s):
+            if outcome is NEED_DATA and (go_on := conn.continue_response()):
+                await stream.send(go_on)  # `Expect: 100-continue`: the body follows it
             while outcome is NEED_DATA:
                 conn.receive(await _receive(stream))
                 outcome = conn.next()

@@ -117,6 +117,42 @@ def test_body_over_the_limit_is_413_before_it_is_sent(daemon: Daemon, via: str) 
     assert responses[0].closes and closed
 
 
+def test_a_refusal_before_the_handler_is_in_openais_shape_under_v1(
+    daemon: Daemon, via: str
+) -> None:
+    head = (
+        b"POST /v1/completions HTTP/1.1\r\n"
+        + HOST
+        + f"Content-Length: {MAX_BODY + 1}\r\n\r\n".encode()
+    )
+    responses, _ = exchange(daemon, via, head)
+    assert [r.status for r in responses] == [413]
+    error = json.loads(responses[0].body)["error"]
+    assert error["code"] == "payload_too_large" and error["type"] == "invalid_request_error"
+    assert error["message"] and "param" in error
+
+
+def test_a_client_that_expects_100_continue_gets_it_before_sending_the_body(
+    daemon: Daemon, via: str
+) -> None:
+    body = json.dumps({"model": "tiny", "prompt": "hi", "max_tokens": 1, "stream": False})
+    head = (
+        b"POST /infer HTTP/1.1\r\n"
+        + HOST
+        + b"Expect: 100-continue\r\n"
+        + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+    )
+    with open_socket(daemon, via) as sock:
+        sock.sendall(head)
+        assert select.select([sock], [], [], 2.0)[0], "no 100 Continue"
+        interim = sock.recv(4096)
+        assert interim.startswith(b"HTTP/1.1 100 "), interim
+        sock.sendall(body.encode())
+        raw, _ = read_to_close(sock)
+    responses = parse_responses((interim.partition(b"\r\n\r\n")[2]) + raw)
+    assert [r.status for r in responses] == [200], raw
+
+
 def test_chunked_body_over_the_limit_is_413_while_reading(daemon: Daemon, via: str) -> None:
     piece = b"400\r\n" + b"x" * 0x400 + b"\r\n"  # 1 KiB chunks
     with open_socket(daemon, via) as sock:

@@ -102,6 +102,17 @@ def test_models_list(client: openai.OpenAI) -> None:
     assert all(m.created > 0 for m in models.data)
 
 
+def test_one_model_is_retrieved_by_id(client: openai.OpenAI) -> None:
+    listed = {m.id: m for m in client.models.list().data}
+    for name in ("tiny.gguf", "tiny"):  # the id as listed, or without .gguf as elsewhere
+        got = client.models.retrieve(name)
+        assert got == listed["tiny.gguf"]
+    with pytest.raises(openai.NotFoundError) as info:
+        client.models.retrieve("nope")
+    error = info.value.response.json()["error"]
+    assert error["code"] == "model_not_found" and error["param"] == "model"
+
+
 def test_completion_is_the_same_generation_as_infer(client: openai.OpenAI, daemon: Daemon) -> None:
     out = client.completions.create(model="tiny", prompt="hello", max_tokens=6, temperature=0)
     assert out.model == "tiny.gguf" and out.object == "text_completion"

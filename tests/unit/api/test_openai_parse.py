@@ -85,14 +85,19 @@ def test_stop_list() -> None:
         ({"model": "m", "prompt": "x", "max_completion_tokens": 1.5}, "max_completion_tokens"),
         ({"model": "m", "prompt": "x", "temperature": 2.5}, "temperature"),
         ({"model": "m", "prompt": "x", "temperature": "hot"}, "temperature"),
-        ({"model": "m", "prompt": "x", "top_p": 0}, "top_p"),
-        ({"model": "m", "prompt": "x", "seed": -1}, "seed"),
+        ({"model": "m", "prompt": "x", "top_p": -0.1}, "top_p"),
+        ({"model": "m", "prompt": "x", "seed": 1.5}, "seed"),
+        ({"model": "m", "prompt": "x", "seed": 2**63}, "seed"),
         ({"model": "m", "prompt": "x", "stop": 5}, "stop"),
         ({"model": "m", "prompt": "x", "stream": "yes"}, "stream"),
         ({"model": "m", "prompt": "x", "stream_options": True}, "stream_options"),
         (
-            {"model": "m", "prompt": "x", "stream_options": {"include_usage": 1}},
+            {"model": "m", "prompt": "x", "stream": True, "stream_options": {"include_usage": 1}},
             "stream_options.include_usage",
+        ),
+        (
+            {"model": "m", "prompt": "x", "stream_options": {"include_usage": True}},
+            "stream_options",
         ),
     ],
 )
@@ -321,3 +326,15 @@ def test_a_failure_before_a_non_streaming_answer_is_raised() -> None:
             fail=WorkerCrashed("the worker died"),
         )
     assert res.status == 0
+
+
+def test_top_p_zero_keeps_only_the_most_likely_token() -> None:
+    params = parse_completion({"model": "m", "prompt": "x", "top_p": 0}).params
+    assert (params.top_p, params.top_k) == (1.0, 1)
+
+
+@pytest.mark.parametrize(
+    ("seed", "want"), [(-1, None), (-(2**63), None), (7, 7), (2**32 + 5, 5), (None, None)]
+)
+def test_any_64_bit_seed_is_taken(seed: int | None, want: int | None) -> None:
+    assert parse_completion({"model": "m", "prompt": "x", "seed": seed}).params.seed == want

@@ -181,3 +181,24 @@ def test_the_request_line_is_forgotten_once_a_request_completes() -> None:
     req = feed(conn, b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
     assert isinstance(req, Request)
     assert conn.request_line() == (None, None)
+
+
+def test_expect_100_continue_is_answered_once_then_the_body_is_read() -> None:
+    conn = ServerConnection(SMALL)
+    head = b"POST /infer HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n"
+    assert feed(conn, head) is NEED_DATA
+    assert conn.continue_response().startswith(b"HTTP/1.1 100 ")
+    assert conn.continue_response() == b""  # once
+    req = feed(conn, b"{}")
+    assert isinstance(req, Request) and req.body == b"{}"
+
+
+def test_no_100_continue_when_the_body_came_anyway_or_is_too_large() -> None:
+    conn = ServerConnection(SMALL)
+    head = b"POST /infer HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n"
+    assert isinstance(feed(conn, head + b"{}"), Request)
+    assert conn.continue_response() == b""
+    big = ServerConnection(SMALL)
+    head = b"POST /infer HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 101\r\n\r\n"
+    failure = feed(big, head)
+    assert isinstance(failure, Failure) and failure.error.http_status == 413
