@@ -31,7 +31,7 @@ GGUF_SUFFIX = ".gguf"
 SPLIT_RE = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 Estimator = Callable[[ModelInfo | None, int], int]
-OUTSIDE_LINK = "symlink leads outside the models dir (modeld serves it with --follow-symlinks)"
+OUTSIDE_LINK = "symlink that leads outside the models dir (modeld serves it with --follow-symlinks)"
 
 
 @dataclass(frozen=True)
@@ -132,9 +132,10 @@ class Registry:
         return self._specs.get(model_id)
 
     async def resolve(self, name: str) -> ModelSpec:
-        """Find a model by id (with or without `.gguf`), rescanning once on a miss."""
+        """Find a model by id (with or without `.gguf`), rescanning once on a miss, and
+        when the file is not the one scanned, so what reaches llama.cpp was checked."""
         spec = self.lookup(name)
-        if spec is None or spec.invalid or not spec.path.exists():  # new, fixed or gone files
+        if spec is None or spec.invalid or _stamp(spec.path) != spec.stamp:  # new/fixed/changed
             await self.refresh()
             spec = self.lookup(name)
         if spec is None:
@@ -168,7 +169,7 @@ class Registry:
             target = path.resolve()
             if not target.is_relative_to(self.models_dir.resolve()):
                 return ModelSpec(name, path, 0, 0, invalid=OUTSIDE_LINK)
-        key = (st.st_mtime_ns, st.st_size, st.st_ino)
+        key = _stamp_of(st)
         cached = self._cache.get(path)
         if cached is not None and cached[0] == key:
             return cached[1]
@@ -219,3 +220,15 @@ class Registry:
             except OSError:
                 return None
         return total
+
+
+def _stamp_of(st: os.stat_result) -> tuple[int, int, int]:
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    """The stamp of the file at path now (None when it is gone)."""
+    try:
+        return _stamp_of(os.stat(path))
+    except OSError:
+        return None

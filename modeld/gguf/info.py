@@ -16,7 +16,7 @@ from pathlib import Path
 from modeld.gguf import InvalidModelFile
 from modeld.gguf.reader import ArrayValue, GGUFHeader, Value, read_header
 from modeld.gguf.validate import (
-    language_model_problem,
+    other_kind,
     read_split_headers,
     split_info,
     split_parts,
@@ -111,7 +111,7 @@ def read_model_info(path: Path, *, follow_symlinks_within: Path | None = None) -
     except InvalidModelFile as exc:
         reason = str(exc)
     if reason is None:
-        reason = language_model_problem(headers)
+        reason = other_kind(headers)
     get = first.get
     arch = _as_str(get("general.architecture")) or ""
 

@@ -26,6 +26,7 @@ from modeld.gguf.reader import (
 __all__ = [
     "InvalidModelFile",
     "language_model_problem",
+    "other_kind",
     "read_split_headers",
     "split_info",
     "split_parts",
@@ -102,24 +103,40 @@ def _uint_key(header: GGUFHeader, key: str, *, allow_zero: bool = False) -> str 
     return None if allow_zero or value > 0 else f"{key!r} must not be 0"
 
 
-def language_model_problem(headers: Sequence[GGUFHeader]) -> str | None:
-    """Why these headers (first part first) are not a loadable language model, or None."""
+def other_kind(headers: Sequence[GGUFHeader]) -> str | None:
+    """What these headers are when they are a sound GGUF of another kind than a language
+    model (a later split part, an adapter, a projector, a vocab-only file), else None.
+
+    Such files are not offered as models at all; a file that claims to be a language
+    model and is broken is not one of them (see `language_model_problem`).
+    """
     first = headers[0]
     no, count = split_info(first)
     if no:
         return f"split part {no + 1} of {count}"
     arch = first.get("general.architecture")
     gtype = first.get("general.type")
-    if arch is None:
-        return "no general.architecture"
-    if not isinstance(arch, str) or not arch:
-        return "general.architecture is not a string"
     if gtype == "adapter" or first.get("adapter.type") is not None:
         return f"adapter ({first.get('adapter.type') or 'lora'})"
     if arch in ("clip", "mmproj") or gtype in ("mmproj", "imatrix"):
         return "multimodal projector (clip)" if gtype != "imatrix" else "importance matrix"
+    has_tokens = first.get("tokenizer.ggml.tokens") is not None
+    if has_tokens and not any(h.tensors for h in headers):
+        return "vocab only"
+    return None
+
+
+def language_model_problem(headers: Sequence[GGUFHeader]) -> str | None:
+    """Why these headers (first part first), which are no other kind of file, are not a
+    loadable language model (missing, zero or wrong-typed keys), or None."""
+    first = headers[0]
+    arch = first.get("general.architecture")
+    if arch is None:
+        return "no general.architecture"
+    if not isinstance(arch, str) or not arch:
+        return "general.architecture is not a string"
     if not any(h.tensors for h in headers):
-        return "vocab only" if first.get("tokenizer.ggml.tokens") is not None else "no tensors"
+        return "no tensors"
     for suffix in ("block_count", "embedding_length", "context_length"):
         problem = _uint_key(first, f"{arch}.{suffix}")
         if problem:
@@ -152,6 +169,9 @@ def validate_gguf(
     rest = read_split_headers(
         path, first, limits=limits, follow_symlinks_within=follow_symlinks_within
     )
+    kind = other_kind([first, *rest])
+    if kind is not None:
+        raise InvalidModelFile(f"not a language model: {kind}")
     problem = language_model_problem([first, *rest])
     if problem is not None:
-        raise InvalidModelFile(f"not a language model: {problem}")
+        raise InvalidModelFile(f"not a usable language model: {problem}")

@@ -293,6 +293,10 @@ def test_no_malformed_file_takes_the_daemon_down(
         finally:
             bystander.finish()
         print({k: len(v) for k, v in outcomes.items()}, f"bystander streams: {bystander.done}")
+        # Only files of another kind are hidden; a broken language model (bad, missing or
+        # wrong-typed keys, an unknown architecture) is listed with its error.
+        hidden = outcomes.get("not listed", [])
+        assert all("vocab only" in h for h in hidden), hidden
         assert len(outcomes.get("refused by Python", [])) >= len(corpus) // 2, outcomes
         assert alive(good) and worker_for(daemon, models / "good.gguf") == good
         daemon_alive(daemon)

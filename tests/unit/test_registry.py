@@ -146,3 +146,19 @@ async def test_a_file_seen_half_written_is_looked_at_again_on_request(
     shutil.copy(tiny, tmp_path / "m.gguf")  # the copy completes
     spec = await reg.resolve("m")
     assert spec.invalid is None
+
+
+@pytest.mark.anyio
+async def test_a_file_rewritten_in_place_is_checked_again_before_it_is_served(
+    tmp_path: Path, tiny: Path
+) -> None:
+    path = tmp_path / "m.gguf"
+    shutil.copy(tiny, path)
+    reg = Registry(tmp_path)
+    assert reg.scan()["m.gguf"].invalid is None
+    inode = path.stat().st_ino
+    with path.open("r+b") as f:  # the same file (inode), now broken
+        f.truncate(100)
+    assert path.stat().st_ino == inode
+    spec = await reg.resolve("m")
+    assert spec.invalid and "truncated" in spec.invalid  # not the stale, valid spec

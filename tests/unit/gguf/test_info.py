@@ -109,11 +109,15 @@ def test_vocab_only_is_not_a_language_model(make_model: ModelWriter) -> None:
     assert info.weight_bytes == 0
 
 
-def test_missing_key_is_the_kind_reason(make_model: ModelWriter) -> None:
-    info = read_model_info(make_model(kv={"llama.block_count": DROP}))
-    assert not info.is_language_model
-    assert info.kind_reason == "missing key 'llama.block_count'"
+def test_a_broken_language_model_is_still_one(make_model: ModelWriter) -> None:
+    """A missing key makes a language model unusable (validate_gguf says why), not a file
+    of another kind: it must be listed with its error, not hidden."""
+    path = make_model(kv={"llama.block_count": DROP})
+    info = read_model_info(path)
+    assert info.is_language_model and info.kind_reason is None
     assert info.n_layer == 0 and len(info.layer_weight_bytes) == 2  # blk.0, blk.1 still counted
+    with pytest.raises(InvalidModelFile, match=r"missing key 'llama\.block_count'"):
+        validate_gguf(path)
 
 
 def test_structural_corruption_raises(tiny_model: Path) -> None:
