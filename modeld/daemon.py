@@ -35,7 +35,9 @@ from modeld.listeners import (
     OpenListener,
     StartupError,
     close_listeners,
+    fit_connections_to_fd_limit,
     open_listeners,
+    transient_accept_error,
     warn_if_exposed,
 )
 from modeld.manager.manager import Manager, ManagerConfig
@@ -52,6 +54,8 @@ log = logging.getLogger("modeld")
 DRAIN_POLL_S = 0.05  # how often shutdown checks whether running requests have finished
 FLUSH_AFTER_SHUTDOWN_S = 1.0  # time connections get to write their final events
 STATUS_EVERY_S = 5.0  # how often systemd's STATUS= line is refreshed
+ACCEPT_RETRY_S = 0.1  # wait after a failed accept() (out of descriptors) before the next
+ACCEPT_LOG_S = 1.0  # failed accepts are logged at most this often
 
 
 # What a model named on the command line but missing from the models dir means, per option.
@@ -107,7 +111,7 @@ class Daemon:
             estimator=_estimator(cfg, budget.gpu),
             follow_symlinks=cfg.follow_symlinks,
         )
-        self.slots = ConnectionSlots(cfg.limits.max_connections)
+        self.slots = ConnectionSlots(fit_connections_to_fd_limit(cfg.limits.max_connections))
         self.stopping = anyio.Event()
 
     async def run(self) -> int:
@@ -283,14 +287,25 @@ class Daemon:
                     accepters.start_soon(self._accept_loop, item, app, conns)
 
     async def _accept_loop(self, item: OpenListener, app: App, conns: anyio.abc.TaskGroup) -> None:
+        failures, logged_at = 0, -ACCEPT_LOG_S
         while True:
             try:
                 stream = await item.listener.accept()
-            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            except anyio.ClosedResourceError:
                 return
-            except OSError as exc:  # EMFILE and friends: keep serving the others
-                log.warning("accept failed on %s: %s", item.label, exc)
-                await anyio.sleep(0.1)
+            except (anyio.BrokenResourceError, OSError) as exc:
+                if self.stopping.is_set() or not transient_accept_error(exc):
+                    if not self.stopping.is_set():
+                        log.error("stopped accepting on %s: %s", item.label, exc.__cause__ or exc)
+                    return
+                # Out of descriptors (EMFILE) and the like: wait, accept again; one line a
+                # second at most, counting the rest.
+                failures += 1
+                if anyio.current_time() - logged_at >= ACCEPT_LOG_S:
+                    reason = exc.__cause__ or exc
+                    log.warning("accept failed on %s (%d times): %s", item.label, failures, reason)
+                    failures, logged_at = 0, anyio.current_time()
+                await anyio.sleep(ACCEPT_RETRY_S)
                 continue
             if item.info.kind == "tcp":
                 try:

@@ -1,13 +1,15 @@
 """The daemon's listening sockets: opening them (or adopting systemd's), closing them.
 
 Owns the Unix socket file (a stale one is replaced, a live daemon's is never touched, and
-ours is removed at exit) and the warnings for listeners anyone may reach.
+ours is removed at exit), the warnings for listeners anyone may reach, and the open-files
+limit the connection cap must fit under.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import resource
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,15 @@ from modeld.http.server import ConnInfo
 from modeld.service import systemd
 
 log = logging.getLogger("modeld")
+
+# Descriptors kept out of the connection cap (at most half the limit): listeners, each
+# worker's three pipes, log files, the models dir scan.
+FD_RESERVE = 256
+# accept() errors that pass (the process or system is out of descriptors or memory for a
+# moment, or a client gave up during the handshake): wait and accept again.
+TRANSIENT_ACCEPT_ERRORS = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED, errno.EPROTO}
+)
 
 
 class StartupError(Exception):
@@ -163,3 +174,38 @@ def _remove_socket_file(item: OpenListener) -> None:
     except OSError:
         pass
     item.unlink = None
+
+
+def fit_connections_to_fd_limit(max_connections: int) -> int:
+    """Raise the soft open-files limit to the hard one and return a connection cap under it.
+
+    A service often starts with a soft limit of 1024, no more than the default cap: the
+    accept() past it would fail with EMFILE instead of the 503 the cap promises.
+    """
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = hard if hard != resource.RLIM_INFINITY else max_connections + FD_RESERVE
+        if soft != resource.RLIM_INFINITY and soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+    except (ValueError, OSError) as exc:
+        log.debug("cannot raise the open-files limit: %s", exc)
+    if soft == resource.RLIM_INFINITY:
+        return max_connections
+    room = max(1, soft - min(FD_RESERVE, soft // 2))
+    if max_connections <= room:
+        return max_connections
+    log.warning(
+        "--max-connections %d does not fit under the open-files limit %d: "
+        "connections past %d get 503 (raise LimitNOFILE or ulimit -n)",
+        max_connections,
+        soft,
+        room,
+    )
+    return room
+
+
+def transient_accept_error(exc: BaseException) -> bool:
+    """True when an accept() failure passes: wait a moment and accept again."""
+    cause = exc.__cause__ if isinstance(exc, anyio.BrokenResourceError) else exc
+    return isinstance(cause, OSError) and cause.errno in TRANSIENT_ACCEPT_ERRORS

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,15 @@ def free_port() -> int:
 
 
 class Daemon:
-    def __init__(self, models_dir: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        models_dir: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        preexec: Callable[[], None] | None = None,
+    ) -> None:
         self.models_dir = models_dir
+        self.preexec = preexec  # run in the child before exec (e.g. to lower a limit)
         self.args = list(args)
         self.tmp = Path(tempfile.mkdtemp(prefix="modeld-", dir="/tmp"))
         self.socket_path = str(self.tmp / "d.sock")
@@ -50,7 +58,13 @@ class Daemon:
             *self.args,
         ]
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            preexec_fn=self.preexec,  # tests only: a setrlimit before exec
+        )
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

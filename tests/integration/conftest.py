@@ -37,9 +37,14 @@ LIFECYCLE_EVENTS = ("load", "load_failed", "unload")  # daemon log events worth 
 
 
 @contextmanager
-def running(models_dir: Path, *args: str, wait_ready: bool = False) -> Iterator[Daemon]:
+def running(
+    models_dir: Path,
+    *args: str,
+    wait_ready: bool = False,
+    preexec: Callable[[], None] | None = None,
+) -> Iterator[Daemon]:
     """Run a daemon for the duration of the block; it must stop cleanly (exit 0)."""
-    daemon = Daemon(models_dir, *BASE_ARGS, *args)
+    daemon = Daemon(models_dir, *BASE_ARGS, *args, preexec=preexec)
     daemon.start(wait_ready=wait_ready)
     ok = False
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import select
 import socket
 import time
@@ -37,6 +38,7 @@ from tests.helpers.raw import (
 from tests.integration.conftest import (
     RawInfer,
     log_events,
+    log_records,
     log_tail,
     running,
     stream_to_end,
@@ -700,3 +702,36 @@ def test_connections_past_the_cap_get_503_and_close(
         for sock in held:
             sock.close()
         wait_for(lambda: daemon.client().get("/healthz").status == 200, "the daemon to serve")
+
+
+FD_LIMIT = 64  # RLIMIT_NOFILE (soft and hard) of the low-limit daemon
+
+
+def _low_fd_limit() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, FD_LIMIT))
+
+
+def test_an_open_files_limit_under_the_cap_gives_503s_and_every_listener_lives_on(
+    model_store: ModelStore, tmp_path: Path
+) -> None:
+    """The default cap (1024) is above this limit: the daemon lowers its cap to fit and
+    says so, and a flood of connections never leaves a listener dead (EMFILE used to end
+    the Unix socket's accept loop for good)."""
+    models = model_store.models_dir(tmp_path / "models", MODELS)
+    with running(models, "--no-spare-worker", preexec=_low_fd_limit) as daemon:
+        warned = log_records(daemon, "level", "warning")
+        assert any("open-files limit" in r["msg"] for r in warned), warned
+        held = []
+        try:
+            for i in range(FD_LIMIT + 16):
+                held.append(open_socket(daemon, ("unix", "tcp")[i % 2]))
+            time.sleep(0.5)  # every one accepted or refused by now
+        finally:
+            for sock in held:
+                sock.close()
+        for via in ("unix", "tcp"):
+
+            def serves(via: str = via) -> bool:
+                return get_with_host(daemon, via, "localhost").status == 200
+
+            assert wait_for(serves, f"{via} to serve again")
