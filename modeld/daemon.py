@@ -56,6 +56,7 @@ FLUSH_AFTER_SHUTDOWN_S = 1.0  # time connections get to write their final events
 STATUS_EVERY_S = 5.0  # how often systemd's STATUS= line is refreshed
 ACCEPT_RETRY_S = 0.1  # wait after a failed accept() (out of descriptors) before the next
 ACCEPT_LOG_S = 1.0  # failed accepts are logged at most this often
+EXTEND_START_S = 30.0  # while preloading, systemd's start timeout is pushed this far ahead
 
 
 # What a model named on the command line but missing from the models dir means, per option.
@@ -166,11 +167,10 @@ class Daemon:
             install_openai(app)
             async with anyio.create_task_group() as tg:
                 await tg.start(manager.run)
-                conn_tg_scope = await tg.start(self._serve, listeners, app)
                 tg.start_soon(self._signals)
                 tg.start_soon(self._systemd_status)
                 # Preloads run beside the wait, so a SIGTERM during a slow one is obeyed.
-                tg.start_soon(self._preload_and_notify, manager)
+                conn_tg_scope = await tg.start(self._serve, manager, listeners, app)
                 await self.stopping.wait()
                 await self._shutdown(manager, listeners, conn_tg_scope)
                 tg.cancel_scope.cancel()
@@ -228,6 +228,7 @@ class Daemon:
             )
 
     async def _preload_and_notify(self, manager: Manager) -> None:
+        """Load the preloads (and the default model), then say READY=1."""
         names = list(self.cfg.preload)
         if self.cfg.default_model and self.cfg.default_model not in names:
             names.insert(0, self.cfg.default_model)
@@ -239,10 +240,19 @@ class Daemon:
         if specs:
             systemd.notify_status(f"preloading {len(specs)} model(s)")
             async with anyio.create_task_group() as tg:
-                for spec in specs:
-                    tg.start_soon(manager.preload_one, spec)
+                tg.start_soon(self._extend_start_timeout)
+                async with anyio.create_task_group() as loads:
+                    for spec in specs:
+                        loads.start_soon(manager.preload_one, spec)
+                tg.cancel_scope.cancel()
         systemd.notify_ready(self._summary())
         log.info("modeld ready", extra={"fields": {"event": "ready"}})
+
+    async def _extend_start_timeout(self) -> None:
+        """While preloads run, keep systemd from taking a slow start for a hung one."""
+        while True:
+            systemd.notify_extend_timeout(EXTEND_START_S)
+            await anyio.sleep(EXTEND_START_S / 3)
 
     def _summary(self) -> str:
         m = self.manager
@@ -271,14 +281,20 @@ class Daemon:
 
     async def _serve(
         self,
+        manager: Manager,
         listeners: list[OpenListener],
         app: App,
         *,
         task_status: anyio.abc.TaskStatus[anyio.CancelScope] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Accept on every listener; connections live in their own task group."""
+        """Preload, say READY=1, then accept on every listener; connections live in their
+        own task group. Until then connections wait in the listen queue: no request is
+        served before systemd hears the daemon is ready."""
         async with anyio.create_task_group() as conns:
             task_status.started(conns.cancel_scope)
+            await self._preload_and_notify(manager)
+            if self.stopping.is_set():
+                return
             # The accept loops end when `_shutdown` closes their listeners: closing,
             # unlike cancelling a pending accept(), never races a connection arriving.
             async with anyio.create_task_group() as accepters:

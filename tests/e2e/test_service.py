@@ -111,6 +111,46 @@ def test_sd_notify_ready_then_stopping(models_dir: Path) -> None:
         daemon.stop()  # a second SIGTERM would mean "exit at once": only if still running
 
 
+def test_ready_comes_before_any_request_is_served_even_with_preloads(models_dir: Path) -> None:
+    """A request sent while the preload runs waits in the listen queue; by the time its
+    answer arrives, READY=1 (after EXTEND_TIMEOUT_USEC while preloading) was already sent."""
+    tmp = Path(tempfile.mkdtemp(prefix="modeld-p-", dir="/tmp"))
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp / "notify"))
+    sock_path = str(tmp / "d.sock")
+    cmd = [sys.executable, "-m", "modeld", "--models-dir", str(models_dir), "--socket"]
+    cmd += [sock_path, "--listen", "none", "--preload", "tiny-a", "--log-format", "json"]
+    env = {**os.environ, "NOTIFY_SOCKET": str(tmp / "notify")}
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
+    try:
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.settimeout(30)
+        _wait_for(lambda: _connects(client, sock_path), what="the socket to be bound")
+        client.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert client.recv(4096).startswith(b"HTTP/1.1 200 ")
+        messages = []
+        while True:  # everything sent before the answer is already queued here
+            try:
+                messages.append(notify.recv(4096, socket.MSG_DONTWAIT).decode())
+            except BlockingIOError:
+                break
+        ready = [i for i, m in enumerate(messages) if "READY=1" in m]
+        extend = [i for i, m in enumerate(messages) if "EXTEND_TIMEOUT_USEC=" in m]
+        assert ready and extend and extend[0] < ready[0], messages
+        client.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+
+
+def _connects(sock: socket.socket, path: str) -> bool:
+    try:
+        sock.connect(path)
+    except (FileNotFoundError, ConnectionRefusedError):
+        return False
+    return True
+
+
 def test_restart_on_a_held_socket_refuses_no_connection(models_dir: Path) -> None:
     """The test holds the listening socket, as systemd does, and restarts modeld on it."""
     tmp = Path(tempfile.mkdtemp(prefix="modeld-r-", dir="/tmp"))
