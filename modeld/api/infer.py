@@ -25,7 +25,15 @@ from modeld.api import validate as v
 from modeld.errors import ModeldError, ModelNotFound, NoDefaultModel, PromptTooLong
 from modeld.http.protocol import Request
 from modeld.http.server import ClientGone, Responder
-from modeld.manager.backend import Failed, Finished, GenParams, LoadedInfo, Started, Tokens
+from modeld.manager.backend import (
+    Failed,
+    Finished,
+    Generation,
+    GenParams,
+    LoadedInfo,
+    Started,
+    Tokens,
+)
 from modeld.manager.manager import Manager
 from modeld.registry import ModelSpec, Registry
 
@@ -235,33 +243,47 @@ async def run_generation(
     model's template). Anything raised before `sink.started` is a plain error response.
     """
     prompt_field = "prompt" if isinstance(params, GenParams) else "messages"
-    async with manager.acquire(spec) as lease:
-        outcome.queue_ms, outcome.load_ms = round(lease.queue_ms, 2), round(lease.load_ms, 2)
-        if not isinstance(params, GenParams):
-            params = await params(lease.model.info)
-        async with lease.generate(params) as gen:
-            first = await gen.next()
-            if isinstance(first, Failed):
-                raise _naming(first.error, prompt_field)
-            assert isinstance(first, Started)
-            await sink.started(first)
-            while True:
-                event = await gen.next()
-                if isinstance(event, Tokens):
-                    outcome.tokens_arrived(len(event.texts))
-                    await sink.tokens(event.texts)
-                elif isinstance(event, Finished):
-                    outcome.tokens = event.completion_tokens
-                    if event.finish_reason != "cancelled":
-                        outcome.decode_ms = round(event.decode_ms, 2)
-                    outcome.how = event.finish_reason
-                    await sink.finished(event)
-                    return
-                else:
-                    assert isinstance(event, Failed)
-                    outcome.how = event.error.code
-                    await sink.failed(event.error)
-                    return
+    waiting_since = time.monotonic()
+    granted = False
+    try:
+        async with manager.acquire(spec) as lease:
+            granted = True
+            outcome.queue_ms, outcome.load_ms = round(lease.queue_ms, 2), round(lease.load_ms, 2)
+            if not isinstance(params, GenParams):
+                params = await params(lease.model.info)
+            async with lease.generate(params) as gen:
+                await _relay(gen, sink, outcome, prompt_field)
+    finally:
+        if not granted:  # refused, timed out or gone while queued: how long it waited
+            outcome.queue_ms = round((time.monotonic() - waiting_since) * 1000, 2)
+
+
+async def _relay(
+    gen: Generation, sink: GenerationSink, outcome: Outcome, prompt_field: str
+) -> None:
+    """The generation's events to the sink, until it ends; its figures to the outcome."""
+    first = await gen.next()
+    if isinstance(first, Failed):
+        raise _naming(first.error, prompt_field)
+    assert isinstance(first, Started)
+    await sink.started(first)
+    while True:
+        event = await gen.next()
+        if isinstance(event, Tokens):
+            outcome.tokens_arrived(len(event.texts))
+            await sink.tokens(event.texts)
+        elif isinstance(event, Finished):
+            outcome.tokens = event.completion_tokens
+            if event.finish_reason != "cancelled":
+                outcome.decode_ms = round(event.decode_ms, 2)
+            outcome.how = event.finish_reason
+            await sink.finished(event)
+            return
+        else:
+            assert isinstance(event, Failed)
+            outcome.how = event.error.code
+            await sink.failed(event.error)
+            return
 
 
 def _naming(error: ModeldError, prompt_field: str) -> ModeldError:

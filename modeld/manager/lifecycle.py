@@ -31,6 +31,7 @@ log = logging.getLogger("modeld.manager")
 BACKOFF_BASE_S = 1.0  # first retry of a failed load after this long ...
 BACKOFF_MAX_S = 60.0  # ... doubling per failure up to this
 IDLE_CHECK_S = 1.0  # how often idle instances are looked at for --idle-unload-s
+EVICTED = "evicted"  # the unload reason of an eviction (logged as event "evict")
 
 
 class Lifecycle:
@@ -186,13 +187,14 @@ class Lifecycle:
                 inst.spec = inst.next_spec or inst.spec
                 inst.stale, inst.next_spec = None, None
             log.info(
-                "unloaded %s (%s): %d MB freed",
+                "%s %s (%s): %d MB freed",
+                "evicted" if reason == EVICTED else "unloaded",
                 inst.model_id,
                 reason,
                 freed,
                 extra={
                     "fields": {
-                        "event": "unload",
+                        "event": "evict" if reason == EVICTED else "unload",
                         "model": inst.model_id,
                         "reason": reason,
                         "vram_mb": freed,

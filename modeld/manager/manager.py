@@ -35,7 +35,7 @@ from modeld.errors import (
 )
 from modeld.manager.backend import Backend, Generation
 from modeld.manager.instance import Instance, Lease, Waiter, planner_views
-from modeld.manager.lifecycle import Lifecycle
+from modeld.manager.lifecycle import EVICTED, Lifecycle
 from modeld.manager.planner import (
     Budget,
     InstanceView,
@@ -328,7 +328,7 @@ class Manager:
         elif isinstance(decision, Load):
             for model_id in decision.evict:
                 log.info("evicting %s to make room for %s", model_id, inst.model_id)
-                self._lifecycle.start_unload(self.instances[model_id], "evicted")
+                self._lifecycle.start_unload(self.instances[model_id], EVICTED)
         else:
             assert isinstance(decision, Wait)
 

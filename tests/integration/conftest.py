@@ -33,7 +33,7 @@ POLL_S = 0.01  # how often wait_for looks again
 WORKERS_EXIT_S = 5.0  # after modeld exits its workers must be gone within this
 KEEP_LOGS_ENV = "MODELD_TEST_KEEP_LOGS"  # set it to keep every daemon's log dir in /tmp
 LOG_TAIL_CHARS = 4000  # how much of the daemon log goes into a failure message
-LIFECYCLE_EVENTS = ("load", "load_failed", "unload")  # daemon log events worth quoting
+LIFECYCLE_EVENTS = ("load", "load_failed", "evict", "unload")  # daemon log events worth quoting
 
 
 @contextmanager

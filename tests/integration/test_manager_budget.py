@@ -135,7 +135,7 @@ def use(daemon: Daemon, model_id: str) -> dict[str, Any]:
 
 
 def evicted(daemon: Daemon) -> list[str]:
-    return [e["model"] for e in log_events(daemon, "unload") if e.get("reason") == "evicted"]
+    return [e["model"] for e in log_events(daemon, "evict")]
 
 
 def test_status_reports_the_configured_budget(budget: Daemon, sizes: Sizes) -> None:

@@ -193,6 +193,10 @@ def test_queued_request_times_out_after_max_wait(short_wait: Daemon) -> None:
         assert short_wait.status()["rejected"]["queue_timeout"] == rejected + 1
         assert queue_depth(short_wait) == 0
         assert hold.response().readline().strip()  # the running stream was not disturbed
+    # Its log line says how long it waited, though it never got a turn.
+    records = log_events(short_wait, "request")
+    timed_out = [e for e in records if e.get("outcome") == "queue_timeout"]
+    assert timed_out[-1]["queue_ms"] >= MAX_WAIT_MS * 0.9, timed_out[-1]
 
 
 def test_max_inflight_answers_overloaded_early(one_inflight: Daemon) -> None:
