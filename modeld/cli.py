@@ -214,7 +214,7 @@ def command(**opts: object) -> None:
     for --socket, MODELD_MAX_WAIT_MS for --max-wait-ms, and so on.
     """
     from modeld.daemon import Daemon, StartupError
-    from modeld.service.logs import setup_logging
+    from modeld.service.logs import resolve_format, setup_logging
 
     limit_keys = (
         "max_connections",
@@ -232,7 +232,11 @@ def command(**opts: object) -> None:
     try:
         code = anyio.run(Daemon(cfg).run)
     except StartupError as exc:
-        click.echo(f"modeld: {exc}", err=True)
+        if resolve_format(str(opts["log_format"]), sys.stderr) == "json":  # one more log line
+            fields = {"event": "startup_failed"}
+            logging.getLogger("modeld").error("cannot start: %s", exc, extra={"fields": fields})
+        else:
+            click.echo(f"modeld: {exc}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         code = 130

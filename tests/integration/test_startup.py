@@ -37,24 +37,38 @@ def records(daemon: Daemon, level: str) -> list[dict[str, Any]]:
     return log_records(daemon, "level", level)
 
 
+def why_not_started(daemon: Daemon) -> str:
+    """The reason of a failed start: the last line, one JSON record (--log-format json)."""
+    failed = log_events(daemon, "startup_failed")
+    assert len(failed) == 1 and failed[0]["level"] == "error", daemon.log()
+    assert daemon.log().strip().splitlines()[-1].startswith("{"), daemon.log()
+    return str(failed[0]["msg"]).removeprefix("cannot start: ")
+
+
 # ---- the models dir --------------------------------------------------------------------------
 
 
 def test_a_missing_models_dir_stops_the_start(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-dir"
-    daemon = Daemon(missing, *BASE_ARGS)
+    daemon = Daemon(missing, *BASE_ARGS, "--log-format", "text")
     output = failed_start(daemon)
-    assert output.strip().splitlines() == [
+    assert output.strip().splitlines() == [  # one line for a person at a terminal
         f"modeld: models dir {missing} does not exist; create it or give another --models-dir"
     ]
     assert not Path(daemon.socket_path).exists()
+    as_json = Daemon(missing, *BASE_ARGS)  # and one JSON record for the journal
+    failed_start(as_json)
+    assert why_not_started(as_json) == (
+        f"models dir {missing} does not exist; create it or give another --models-dir"
+    )
 
 
 def test_a_models_dir_that_is_a_file_stops_the_start(tmp_path: Path) -> None:
     a_file = tmp_path / "models.txt"
     a_file.write_text("not a directory")
-    output = failed_start(Daemon(a_file, *BASE_ARGS))
-    assert output.strip().splitlines() == [f"modeld: models dir {a_file} is not a directory"]
+    daemon = Daemon(a_file, *BASE_ARGS)
+    failed_start(daemon)
+    assert why_not_started(daemon) == f"models dir {a_file} is not a directory"
 
 
 # ---- models named by options -------------------------------------------------------------------
@@ -156,8 +170,8 @@ def test_a_taken_port_fails_the_start_and_leaves_no_socket_file(
         taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         taken.bind(("127.0.0.1", daemon.port))
         taken.listen()
-        output = failed_start(daemon)
-    assert output.strip().splitlines()[-1] == (
-        f"modeld: cannot listen on 127.0.0.1:{daemon.port}: Address already in use"
+        failed_start(daemon)
+    assert why_not_started(daemon) == (
+        f"cannot listen on 127.0.0.1:{daemon.port}: Address already in use"
     )
     assert not Path(daemon.socket_path).exists(), "the Unix socket file was left behind"
