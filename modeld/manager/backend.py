@@ -74,6 +74,7 @@ class LoadedInfo:
     n_ctx_train: int = 0
     load_ms: float = 0.0
     chat_template: str | None = None
+    threads: int = 0  # decode threads when it generates alone (0: unknown, never changed)
     extra: dict[str, object] = field(default_factory=dict)
 
 
@@ -84,6 +85,10 @@ class LoadedModel(Protocol):
 
     def generate(self, params: GenParams) -> AbstractAsyncContextManager[Generation]:
         """Start a generation; leaving the context cancels it if it has not ended."""
+        ...
+
+    async def set_threads(self, n: int) -> None:
+        """Decode with n threads from the next token on (the share of the cores it gets)."""
         ...
 
     async def close(self, error: ModeldError) -> None:

@@ -48,6 +48,8 @@ class Instance:
     retry_at: float = 0.0
     gen_ms: float | None = None  # running average of generation times
     turn_started: float = 0.0  # when the running request got its turn
+    threads: int | None = None  # decode threads its worker is to use (None: its own choice)
+    threads_pushing: bool = False  # a task is telling the worker `threads`
     load_done: anyio.Event | None = None  # set when the load under way ends
     # The file changed or went away while loaded: unload once idle, then use `next_spec`.
     stale: str | None = None

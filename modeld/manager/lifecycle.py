@@ -101,6 +101,7 @@ class Lifecycle:
     def _loaded(self, inst: Instance, handle: LoadedModel, load_ms: float) -> None:
         """Make `inst` ready; the requests queued meanwhile waited for (part of) the load."""
         inst.handle = handle
+        inst.threads = handle.info.threads or None
         inst.vram_mb = handle.info.vram_mb
         inst.loads += 1
         inst.failures = 0

@@ -48,6 +48,7 @@ from modeld.manager.planner import (
 )
 from modeld.manager.states import State
 from modeld.manager.status import status_document
+from modeld.manager.threads import push_threads, reshare
 from modeld.registry import ModelSpec
 
 log = logging.getLogger("modeld.manager")
@@ -288,6 +289,13 @@ class Manager:
         for inst in order:
             if inst.queue and inst.state in (State.UNLOADED, State.ERROR):
                 self._plan_load(inst)
+        self._share_threads()
+
+    def _share_threads(self) -> None:
+        """Each running generation gets its share of the cores (see manager.threads)."""
+        for inst in reshare(self.instances.values()):
+            inst.threads_pushing = True
+            self._lifecycle.spawn(push_threads, inst)
 
     def _hold_for_cold(self, order: list[Instance]) -> set[str]:
         """Instances an older cold request needs evicted (see planner.to_drain)."""

@@ -45,5 +45,6 @@ def instance_status(inst: Instance, now: float) -> dict[str, Any]:
         "oldest_wait_ms": round(oldest, 1),
         "loads": inst.loads,
         "pinned": inst.pinned,
+        "threads": inst.threads,
         "error": inst.error,
     }

@@ -424,5 +424,11 @@ class WorkerModel:
             log.warning("worker %d ignored a cancel; killing it", self.worker.pid)
             await self.worker.kill()
 
+    async def set_threads(self, n: int) -> None:
+        try:
+            await self.worker.send({"op": "threads", "n": n})
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass  # a worker that has gone: its reader reports that
+
     async def close(self, error: ModeldError) -> None:
         await self.worker.close(error)

@@ -142,6 +142,10 @@ class Engine:
         self._cancel = CancelFlag()
         self._abort_cb = llama.ggml_abort_callback(lambda _data: self._cancel.cancelled)
         self._no_abort = llama.ggml_abort_callback()  # a NULL callback
+        # Decode threads: the daemon lowers this while other models generate beside this
+        # one (the reader thread sets it); generation picks it up before the next decode.
+        self.threads = spec.threads
+        self.want_threads = spec.threads
 
     # ---- loading -------------------------------------------------------------------
 
@@ -180,7 +184,11 @@ class Engine:
         # prompt will touch; llama.cpp's own buffer sizes do not.
         sized_mb = base_mb + (info["model_bytes"] + info["ctx_bytes"]) / _MIB + CPU_RUNTIME_MB
         info.update(
-            load_ms=load_ms, warmup_ms=warmup_ms, rss_mb=rss_mb, mem_mb=max(rss_mb, sized_mb)
+            load_ms=load_ms,
+            warmup_ms=warmup_ms,
+            rss_mb=rss_mb,
+            mem_mb=max(rss_mb, sized_mb),
+            threads=spec.threads,
         )
         return engine, info
 
@@ -224,6 +232,13 @@ class Engine:
         head_dim = llama.llama_model_n_embd(m) // n_head
         kv_width = 2 * head_dim * llama.llama_model_n_head_kv(m)  # K and V per layer
         return int(self.n_ctx * llama.llama_model_n_layer(m) * kv_width * KV_BYTES_PER_VALUE)
+
+    def follow_threads(self) -> None:
+        """Use the thread count the daemon asked for, if it changed (cheap to call often)."""
+        n = self.want_threads
+        if n != self.threads:
+            llama.llama_set_n_threads(self._ctx, n, n)
+            self.threads = n
 
     def close(self) -> None:
         """Free the context and the model."""
@@ -280,6 +295,7 @@ class Engine:
             return
         sink.send({"ev": "start", "id": rid, "prompt_tokens": n_prompt})
         self._cancel = cancel
+        self.follow_threads()
         smpl = self._sampler(spec)
         try:
             rc = self._process_prompt(n_prompt, cancel)
@@ -304,6 +320,7 @@ class Engine:
             for start in range(0, n_prompt, step):
                 if cancel.cancelled:
                     return 0
+                self.follow_threads()
                 n = min(step, n_prompt - start)
                 chunk = (llama.llama_token * n).from_buffer(tokens, start * TOKEN_BYTES)
                 batch = llama.llama_batch_get_one(chunk, n)
@@ -365,6 +382,8 @@ class Engine:
                 break
             if n_gen >= limit:
                 break
+            if self.want_threads != self.threads:
+                self.follow_threads()
             one[0] = tok
             rc = decode(ctx, batch)
             if rc != 0:
@@ -379,7 +398,9 @@ class Engine:
         t_first = t_first or t_end
         ttft_ms = (t_first - t_req) * 1000.0
         gen_ms = (t_end - t_first) * 1000.0
-        events.append(_done(rid, reason, n_prompt, n_gen, ttft_ms, gen_ms))
+        done = _done(rid, reason, n_prompt, n_gen, ttft_ms, gen_ms)
+        done["threads"] = self.threads  # what the last decode ran with
+        events.append(done)
         sink.send(*events)
 
     def _piece(self, tok: int) -> bytes | None:

@@ -4,7 +4,8 @@ Theory of operation: `__main__` first moves the protocol to a private fd and poi
 at stderr, so nothing printed by C or Python can corrupt it; only then is this module (and
 llama.cpp with it) imported. `main` initialises the backend and says `hello` (the daemon
 keeps a spare worker waiting there). A reader thread parses stdin: `cancel` and `shutdown`
-take effect at once by setting the running request's flag; `load` and `generate` are
+take effect at once by setting the running request's flag, `threads` (the daemon's share
+of the cores while other models generate too) before the next decode; `load` and `generate` are
 queued for the main thread, which runs them one at a time. A second `generate` while one
 is queued or running is answered `busy`. EOF on stdin acts as `shutdown`; during a load,
 both exit at once.
@@ -41,6 +42,7 @@ READ_CHUNK = 1 << 16  # bytes per read of stdin; requests are small
 EXIT_LOAD_FAILED = 1  # exit status after `load_failed`
 EXIT_PIPE_GONE = 3  # exit status when the protocol pipe is closed (the daemon is gone)
 _SHUTDOWN = object()  # queue item: leave the main loop
+MAX_THREADS = 4096  # a `threads` op above this is a bug in the daemon
 
 
 class Channel:
@@ -178,6 +180,7 @@ class Worker:
         self._current: tuple[int, CancelFlag] | None = None  # queued or running generate
         self._engine: Engine | None = None
         self._template = ChatTemplate(None)  # the loaded model's, for chats
+        self._want_threads: int | None = None  # a `threads` op that came before the engine
         self._load_requested = False
         self._loading = False  # a load is queued or running
 
@@ -217,10 +220,22 @@ class Worker:
             self._enqueue_generate(obj)
         elif op == "load":
             self._enqueue_load(obj)
+        elif op == "threads":
+            self._set_threads(obj.get("n"))
         elif op == "shutdown":
             self._stop_everything()
         else:
             _log(f"ignoring unknown op {op!r}")
+
+    def _set_threads(self, n: object) -> None:
+        """The daemon's share of the cores for this worker's generations (reader thread)."""
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_THREADS:
+            _log(f"ignoring threads {n!r}")
+            return
+        self._want_threads = n
+        engine = self._engine
+        if engine is not None:
+            engine.want_threads = n
 
     def _cancel(self, rid: object) -> None:
         with self._lock:
@@ -309,6 +324,8 @@ class Worker:
             with self._lock:
                 self._loading = False
         self._template = ChatTemplate(info.get("chat_template"), info["bos"], info["eos"])
+        if self._want_threads is not None:
+            self._engine.want_threads = self._want_threads
         self._chan.send({"ev": "loaded", **info})
         return True
 

@@ -134,6 +134,7 @@ class ProcessBackend:
             n_ctx_train=int(msg.get("n_ctx_train", 0)),
             load_ms=float(msg.get("load_ms", 0.0)) + float(msg.get("warmup_ms", 0.0)),
             chat_template=msg.get("chat_template"),
+            threads=int(msg.get("threads", 0)),
             extra={k: msg[k] for k in ("model_bytes", "ctx_bytes", "bos", "eos") if k in msg},
         )
         worker.on_exit = on_exit

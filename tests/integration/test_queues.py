@@ -12,6 +12,7 @@ import json
 import time
 from collections.abc import Iterator, Mapping
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -212,3 +213,25 @@ def test_max_inflight_answers_overloaded_early(one_inflight: Daemon) -> None:
         assert one_inflight.status()["rejected"]["overloaded"] == 2
     wait_for(lambda: one_inflight.status()["inflight"] == 0, "the held stream to end")
     stream_to_end(client, {"model": "other", "prompt": "hi", **SHORT})
+
+
+def test_concurrent_generations_share_the_cores(model_store: ModelStore, tmp_path: Path) -> None:
+    """Two models generating at once get half the decode threads each (more threads than
+    cores spin against each other in llama.cpp), and a model alone gets all of them."""
+    models = model_store.models_dir(tmp_path / "models", MODELS)
+    with running(models, "--threads", "2", *N_CTX, "--no-spare-worker") as daemon:
+        client = daemon.client()
+        for model in ("q", "other"):
+            stream_to_end(client, {"model": model, "prompt": "hi", **SHORT})
+
+        def threads() -> dict[str, int]:
+            return {i["model_id"]: i["threads"] for i in daemon.status()["instances"]}
+
+        assert threads() == {"q.gguf": 2, "other.gguf": 2}
+        with held(daemon) as q:
+            other = {**HOLD, "model": "other"}
+            with RawInfer(client, other) as hold_other:
+                assert hold_other.status == 200 and hold_other.response().readline().strip()
+                wait_for(lambda: threads() == {"q.gguf": 1, "other.gguf": 1}, "shares of 1")
+            wait_for(lambda: threads()["q.gguf"] == 2, "q alone to get both threads back")
+            assert q.response().readline().strip()  # still streaming

@@ -419,3 +419,20 @@ def test_abort_callback_stops_a_single_prompt_chunk(model_path: Path) -> None:
         assert texts[0] and texts[0] == texts[1]
     finally:
         engine.close()
+
+
+def test_threads_op_changes_the_decode_threads_from_the_next_token(model_path: Path) -> None:
+    worker = Worker()
+    try:
+        assert worker.load(model_path, threads=2)["threads"] == 2
+        worker.generate(1)
+        assert worker.collect(1)[1][-1]["threads"] == 2
+        worker.send({"op": "threads", "n": 1})
+        worker.generate(2)
+        assert worker.collect(2)[1][-1]["threads"] == 1
+        for bad in (0, -1, "2", True, 10**6):  # ignored, with a line on stderr
+            worker.send({"op": "threads", "n": bad})
+        worker.generate(3)
+        assert worker.collect(3)[1][-1]["threads"] == 1
+    finally:
+        worker.close()

@@ -50,7 +50,9 @@ class FakeModel:
         self.backend = backend
         self.model_id = model_id
         self.on_exit = on_exit
-        self.info = LoadedInfo(vram_mb=backend.sizes.get(model_id, 100), n_ctx=2048)
+        self.info = LoadedInfo(
+            vram_mb=backend.sizes.get(model_id, 100), n_ctx=2048, threads=backend.threads
+        )
 
     @asynccontextmanager
     async def generate(self, params: GenParams) -> AsyncIterator[FakeGeneration]:
@@ -61,6 +63,9 @@ class FakeModel:
         finally:
             if not gen.ended:
                 self.backend.cancelled.append(self.model_id)
+
+    async def set_threads(self, n: int) -> None:
+        self.backend.threads_set.append((self.model_id, n))
 
     async def close(self, error: ModeldError) -> None:
         self.backend.closed.append(self.model_id)
@@ -84,6 +89,8 @@ class FakeBackend:
         self.load_s = 0.5
         self.unload_s = 0.1
         self.token_delay_s = 0.01
+        self.threads = 0  # threads a loaded model says it uses alone (0: unknown)
+        self.threads_set: list[tuple[str, int]] = []  # set_threads calls, in order
 
     async def load(self, spec_path: str, model_id: str, on_exit: ExitCallback) -> FakeModel:
         self.loads.append(model_id)

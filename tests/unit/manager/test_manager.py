@@ -479,3 +479,25 @@ async def test_a_request_that_gives_up_on_a_model_never_loaded_leaves_no_instanc
             await generate(m, "b")  # no room while a runs
         assert "b" not in m.instances and "b" not in backend.loads
         hold.set()
+
+
+async def test_concurrent_generations_share_the_cores() -> None:
+    backend = FakeBackend()
+    backend.threads = 4
+    hold_a, hold_b, hold_c = anyio.Event(), anyio.Event(), anyio.Event()
+    async with running(backend) as m, anyio.create_task_group() as tg:
+        tg.start_soon(generate, m, "a", 3, hold_a)
+        await anyio.sleep(1)
+        assert backend.threads_set == []  # alone: all its threads
+        tg.start_soon(generate, m, "b", 3, hold_b)
+        await anyio.sleep(1)
+        assert sorted(backend.threads_set) == [("a", 2), ("b", 2)]
+        tg.start_soon(generate, m, "c", 3, hold_c)
+        await anyio.sleep(1)
+        assert sorted(backend.threads_set[2:]) == [("a", 1), ("b", 1), ("c", 1)]
+        assert [i["threads"] for i in m.status()["instances"]] == [1, 1, 1]
+        hold_a.set()
+        hold_b.set()
+        await anyio.sleep(1)
+        assert [n for model, n in backend.threads_set if model == "c"][-1] == 4  # alone again
+        hold_c.set()
