@@ -27,6 +27,7 @@ HEALTH_PROBES = 500  # /healthz requests while the daemon is busy; enough for a 
 WAITING = 200  # queued requests during the health probes (the issue's figure)
 REJECT_SECONDS = 3.0  # how long the 429 hammer runs
 REJECT_CLIENTS = 2  # client processes hammering /infer: one per core of the reference machine
+CONCURRENT_TOKENS = 256  # per stream of the two-models-at-once measurement
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,36 @@ def health_under_load(
     )
 
 
+def concurrent_streams(ep: Endpoint, models: tuple[str, str], prompt: str) -> dict[str, Any]:
+    """One stream alone, then one per model at once: per-stream and total decode tok/s.
+
+    Shows what sharing the cores between concurrent generations buys: with every worker
+    on all the cores, two streams spin against each other and each gets far below half.
+    """
+    for model in models:  # warm: the first request after a load pays page faults
+        modeld_stream(ep, model, prompt, 8)
+    alone = modeld_stream(ep, models[0], prompt, CONCURRENT_TOKENS)
+    got: dict[str, Any] = {}
+
+    def one(model: str) -> None:
+        got[model] = modeld_stream(ep, model, prompt, CONCURRENT_TOKENS)
+
+    threads = [threading.Thread(target=one, args=(m,)) for m in models]
+    t0 = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(120)
+    wall = time.perf_counter() - t0
+    per = [round(got[m].decode_tok_s, 1) for m in models if m in got]
+    return {
+        "tokens": CONCURRENT_TOKENS,
+        "alone_tok_s": round(alone.decode_tok_s, 1),
+        "each_tok_s": per,
+        "total_tok_s": round(sum(got[m].n_tokens for m in got) / wall, 1),
+    }
+
+
 def _hammer(ep: Endpoint, model: str, seconds: float, out: Any) -> None:
     """Client process: POST /infer on keep-alive connections for `seconds`; count statuses."""
     req = encode_request("POST", "/infer", {"model": model, "prompt": "x", "max_tokens": 1})
@@ -166,6 +197,7 @@ def control_plane(ctx: Context) -> dict[str, Any]:
     with Modeld(ctx.tmp, ctx.models_dir, *args, tag="modeld-health") as md:
         md.start_healthy()
         md.wait_ready([SMOL, SMOL_B])
+        out["two_models_at_once"] = concurrent_streams(md.endpoint, (SMOL, SMOL_B), prompt_for(2))
         health = health_under_load(
             md.endpoint, (SMOL, SMOL_B), prompt_for(0), WAITING, HEALTH_PROBES
         )
