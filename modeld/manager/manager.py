@@ -34,6 +34,7 @@ from modeld.errors import (
     ShuttingDown,
 )
 from modeld.manager.backend import Backend, Generation
+from modeld.manager.hints import RetryHints
 from modeld.manager.instance import Instance, Lease, Waiter, planner_views
 from modeld.manager.lifecycle import EVICTED, Lifecycle
 from modeld.manager.planner import (
@@ -52,9 +53,6 @@ from modeld.manager.threads import push_threads, reshare
 from modeld.registry import ModelSpec
 
 log = logging.getLogger("modeld.manager")
-
-DEFAULT_GEN_MS = 2000.0  # retry hint before any generation has been timed
-GEN_EWMA_ALPHA = 0.3  # weight of the newest generation time in the running average
 
 
 @dataclass(frozen=True)
@@ -78,7 +76,7 @@ class Manager:
         self.instances: dict[str, Instance] = {}
         self.rejected: dict[str, int] = {"queue_full": 0, "queue_timeout": 0, "overloaded": 0}
         self.cancelled = 0
-        self._gen_ms: float | None = None
+        self.hints = RetryHints()
         self._held: set[str] = set()  # see _hold_for_cold
         self._pumping = False  # a _pump pass is running
         self._pump_again = False  # something changed during it: run one more
@@ -123,7 +121,9 @@ class Manager:
                 self.rejected["queue_timeout"] += 1
                 raise QueueTimeout(
                     f"waited {self.config.max_wait_ms} ms for model {spec.id!r} without a turn",
-                    retry_after_ms=self._retry_after_ms(inst, inst.queue.index(waiter)),
+                    retry_after_ms=self.hints.queued(
+                        inst, inst.queue.index(waiter), anyio.current_time()
+                    ),
                 )
         except BaseException:
             self._leave_queue(inst, waiter)
@@ -176,7 +176,7 @@ class Manager:
             self.rejected["overloaded"] += 1
             raise Overloaded(
                 f"{self.inflight} generations running, the limit is {cap}",
-                retry_after_ms=self._first_free_ms(),
+                retry_after_ms=self.hints.first_free(self.instances.values(), anyio.current_time()),
             )
         idle = inst.inflight == 0 and not inst.queue  # this request would not wait behind others
         # With nothing running (the model loading or waiting for room), the head of the
@@ -186,7 +186,7 @@ class Manager:
             self.rejected["queue_full"] += 1
             raise QueueFull(
                 _queue_full_message(inst.model_id, waiting, self.config.max_queue_depth),
-                retry_after_ms=self._retry_after_ms(inst, len(inst.queue)),
+                retry_after_ms=self.hints.queued(inst, len(inst.queue), anyio.current_time()),
             )
         if inst.state is State.ERROR and anyio.current_time() < inst.retry_at:
             wait_s = inst.retry_at - anyio.current_time()
@@ -211,39 +211,8 @@ class Manager:
         inst.last_used = anyio.current_time()
         inst.last_used_wall = time.time()
         if gen_ms is not None:
-            inst.gen_ms = _ewma(inst.gen_ms, gen_ms)
-            self._gen_ms = _ewma(self._gen_ms, gen_ms)
+            self.hints.record(inst, gen_ms)
         self._pump()
-
-    def _retry_after_ms(self, inst: Instance, ahead: int) -> int:
-        """Estimate when a retry could succeed from the queue ahead and recent timings.
-
-        Each request ahead takes the recent average; the running one, what is left of it.
-        """
-        per = self._per_request_ms(inst)
-        if not inst.inflight:
-            return int(per * ahead or per)
-        return int(self._remaining_ms(inst) + per * ahead)
-
-    def _first_free_ms(self) -> int:
-        """When the first of the running generations is likely to end (for `overloaded`)."""
-        running = [i for i in self.instances.values() if i.inflight]
-        if not running:
-            return int(self._gen_ms or DEFAULT_GEN_MS)
-        return int(min(self._remaining_ms(i) for i in running))
-
-    def _per_request_ms(self, inst: Instance) -> float:
-        return inst.gen_ms or self._gen_ms or DEFAULT_GEN_MS
-
-    def _remaining_ms(self, inst: Instance) -> float:
-        """What is likely left of inst's running generation.
-
-        The average minus the time it has run; one that has outlasted the average is
-        probably a long one, so at least half the time it has already run.
-        """
-        per = self._per_request_ms(inst)
-        elapsed_ms = (anyio.current_time() - inst.turn_started) * 1000
-        return max(per - elapsed_ms, elapsed_ms / 2, per / 10)
 
     # ---- the scheduler ---------------------------------------------------------------
 
@@ -419,10 +388,6 @@ class Manager:
     def status(self) -> dict[str, Any]:
         """The `/status` document (see docs/api.md)."""
         return status_document(self)
-
-
-def _ewma(old: float | None, new: float) -> float:
-    return new if old is None else old + GEN_EWMA_ALPHA * (new - old)
 
 
 __all__ = ["Generation", "Lease", "Manager", "ManagerConfig"]
