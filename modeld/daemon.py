@@ -34,10 +34,10 @@ from modeld.http.server import ConnectionSlots, serve_connection
 from modeld.listeners import (
     OpenListener,
     StartupError,
+    accept_forever,
     close_listeners,
     fit_connections_to_fd_limit,
     open_listeners,
-    transient_accept_error,
     warn_if_exposed,
 )
 from modeld.manager.manager import Manager, ManagerConfig
@@ -54,8 +54,6 @@ log = logging.getLogger("modeld")
 DRAIN_POLL_S = 0.05  # how often shutdown checks whether running requests have finished
 FLUSH_AFTER_SHUTDOWN_S = 1.0  # time connections get to write their final events
 STATUS_EVERY_S = 5.0  # how often systemd's STATUS= line is refreshed
-ACCEPT_RETRY_S = 0.1  # wait after a failed accept() (out of descriptors) before the next
-ACCEPT_LOG_S = 1.0  # failed accepts are logged at most this often
 EXTEND_START_S = 30.0  # while preloading, systemd's start timeout is pushed this far ahead
 
 
@@ -245,6 +243,8 @@ class Daemon:
                     for spec in specs:
                         loads.start_soon(manager.preload_one, spec)
                 tg.cancel_scope.cancel()
+        if self.stopping.is_set():  # a SIGTERM came during the preloads: never READY now
+            return
         systemd.notify_ready(self._summary())
         log.info("modeld ready", extra={"fields": {"event": "ready"}})
 
@@ -303,26 +303,7 @@ class Daemon:
                     accepters.start_soon(self._accept_loop, item, app, conns)
 
     async def _accept_loop(self, item: OpenListener, app: App, conns: anyio.abc.TaskGroup) -> None:
-        failures, logged_at = 0, -ACCEPT_LOG_S
-        while True:
-            try:
-                stream = await item.listener.accept()
-            except anyio.ClosedResourceError:
-                return
-            except (anyio.BrokenResourceError, OSError) as exc:
-                if self.stopping.is_set() or not transient_accept_error(exc):
-                    if not self.stopping.is_set():
-                        log.error("stopped accepting on %s: %s", item.label, exc.__cause__ or exc)
-                    return
-                # Out of descriptors (EMFILE) and the like: wait, accept again; one line a
-                # second at most, counting the rest.
-                failures += 1
-                if anyio.current_time() - logged_at >= ACCEPT_LOG_S:
-                    reason = exc.__cause__ or exc
-                    log.warning("accept failed on %s (%d times): %s", item.label, failures, reason)
-                    failures, logged_at = 0, anyio.current_time()
-                await anyio.sleep(ACCEPT_RETRY_S)
-                continue
+        async for stream in accept_forever(item, self.stopping):
             if item.info.kind == "tcp":
                 try:
                     raw = stream.extra(anyio.abc.SocketAttribute.raw_socket)

@@ -11,6 +11,7 @@ import errno
 import logging
 import resource
 import socket
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,11 +28,11 @@ log = logging.getLogger("modeld")
 # Descriptors kept out of the connection cap (at most half the limit): listeners, each
 # worker's three pipes, log files, the models dir scan.
 FD_RESERVE = 256
-# accept() errors that pass (the process or system is out of descriptors or memory for a
-# moment, or a client gave up during the handshake): wait and accept again.
-TRANSIENT_ACCEPT_ERRORS = frozenset(
-    {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED, errno.EPROTO}
-)
+# accept() errors that mean the listening socket itself is unusable; any other (out of
+# descriptors or memory for a moment, a client gone during the handshake, ...) passes.
+FATAL_ACCEPT_ERRORS = frozenset({errno.EBADF, errno.EINVAL, errno.ENOTSOCK, errno.EOPNOTSUPP})
+ACCEPT_RETRY_S = 0.1  # wait after a failed accept() before the next
+ACCEPT_LOG_S = 1.0  # failed accepts are logged at most this often
 
 
 class StartupError(Exception):
@@ -208,4 +209,35 @@ def fit_connections_to_fd_limit(max_connections: int) -> int:
 def transient_accept_error(exc: BaseException) -> bool:
     """True when an accept() failure passes: wait a moment and accept again."""
     cause = exc.__cause__ if isinstance(exc, anyio.BrokenResourceError) else exc
-    return isinstance(cause, OSError) and cause.errno in TRANSIENT_ACCEPT_ERRORS
+    return isinstance(cause, OSError) and cause.errno not in FATAL_ACCEPT_ERRORS
+
+
+async def accept_forever(
+    item: OpenListener, stopping: anyio.Event
+) -> AsyncIterator[anyio.abc.SocketStream]:
+    """The connections of one listener, until it is closed (or breaks for good).
+
+    anyio's Unix listener wraps every accept() error in BrokenResourceError, so an EMFILE
+    there must not be taken for a closed listener: transient errors wait a moment and
+    accept again, logged once a second at most with a count of the others.
+    """
+    failures, logged_at = 0, -ACCEPT_LOG_S
+    while True:
+        try:
+            stream = await item.listener.accept()
+        except anyio.ClosedResourceError:
+            return
+        except (anyio.BrokenResourceError, OSError) as exc:
+            reason = exc.__cause__ or exc
+            if stopping.is_set():
+                return
+            if not transient_accept_error(exc):
+                log.error("stopped accepting on %s: %s", item.label, reason)
+                return
+            failures += 1
+            if anyio.current_time() - logged_at >= ACCEPT_LOG_S:
+                log.warning("accept failed on %s (%d times): %s", item.label, failures, reason)
+                failures, logged_at = 0, anyio.current_time()
+            await anyio.sleep(ACCEPT_RETRY_S)
+            continue
+        yield stream

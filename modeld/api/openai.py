@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from modeld.api.app import App, AppState
-from modeld.api.chat_template import ChatTemplateError, template_stops
 from modeld.api.infer import SSE, Outcome, resolve_model, run_generation, track_request
 from modeld.api.openai_request import OpenAIRequest, parse_chat, parse_completion
+from modeld.chat_template import ChatTemplateError, template_stops
 from modeld.errors import ModeldError, ModelNotFound
 from modeld.http.protocol import Request
 from modeld.http.server import Responder

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from modeld.api import validate as v
-from modeld.api.chat_template import ChatMessage
+from modeld.chat_template import ChatMessage
 from modeld.errors import InvalidRequest
 from modeld.manager.backend import GenParams
 

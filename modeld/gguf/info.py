@@ -2,9 +2,9 @@
 
 The registry calls `read_model_info` for every file in the models dir, so it reuses the
 bounded parser of `validate` (a few ms for a 100 MB file: tensor data is never read).
-Structural corruption raises `InvalidModelFile`; a sound file that is not a language model
-(a clip projector, a vocab-only file, a missing split part) comes back with
-`is_language_model=False` and the reason in `kind_reason`.
+Structural corruption (of any split part) raises `InvalidModelFile`; a sound file of
+another kind than a language model (a clip projector, a vocab-only file, a later split
+part) comes back with `is_language_model=False` and the reason in `kind_reason`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from modeld.gguf import InvalidModelFile
 from modeld.gguf.reader import ArrayValue, GGUFHeader, Value, read_header
 from modeld.gguf.validate import (
     other_kind,
@@ -103,15 +102,14 @@ def _file_bytes(headers: list[GGUFHeader]) -> int:
 
 def read_model_info(path: Path, *, follow_symlinks_within: Path | None = None) -> ModelInfo:
     """Read a model's metadata (and its split parts' tensor lists) without loading weights."""
-    first = read_header(path, follow_symlinks_within=follow_symlinks_within)
-    headers = [first]
-    reason: str | None = None
-    try:
-        headers += read_split_headers(path, first, follow_symlinks_within=follow_symlinks_within)
-    except InvalidModelFile as exc:
-        reason = str(exc)
-    if reason is None:
-        reason = other_kind(headers)
+    within = follow_symlinks_within
+    first = read_header(path, follow_symlinks_within=within)
+    # A first part reads the others: one missing or broken raises, as a broken first part
+    # does. A later part is a file of another kind (see other_kind).
+    later_part = split_info(first)[0] > 0
+    rest = [] if later_part else read_split_headers(path, first, follow_symlinks_within=within)
+    headers = [first, *rest]
+    reason = other_kind(headers)
     get = first.get
     arch = _as_str(get("general.architecture")) or ""
 

@@ -183,6 +183,7 @@ class Lifecycle:
             log.exception("unload of %s failed unexpectedly", inst.model_id)
         finally:
             inst.vram_mb = None
+            inst.threads = None
             inst.move(State.UNLOADED)
             if inst.stale is not None:
                 inst.spec = inst.next_spec or inst.spec

@@ -54,7 +54,7 @@ def render(
 ) -> str:
     """The prompt for `messages`; a ModeldError (template_error, or invalid_request when
     the template refuses the messages) when it cannot be rendered in time."""
-    from modeld.api.chat_template import ChatMessage, ChatTemplateError, render_chat
+    from modeld.chat_template import ChatMessage, ChatTemplateError, render_chat
 
     chat = [ChatMessage(m["role"], m["content"], m.get("name")) for m in messages]
     armed = True

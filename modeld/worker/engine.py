@@ -13,7 +13,6 @@ from __future__ import annotations
 import ctypes
 import os
 import random
-import re
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -21,6 +20,8 @@ from typing import Any, Protocol
 import llama_cpp.llama_cpp as llama
 
 from modeld.worker import llama_log
+from modeld.worker.events import done_event, error_event
+from modeld.worker.memory import accounted_mb, logged_ctx_bytes, rss_mb
 from modeld.worker.textstream import TextStream
 
 __all__ = [
@@ -46,13 +47,6 @@ FLASH_ATTN = {  # the load op's flash_attn values, as llama.cpp's enum
     "on": llama.LLAMA_FLASH_ATTN_TYPE_ENABLED,
     "off": llama.LLAMA_FLASH_ATTN_TYPE_DISABLED,
 }
-# llama.cpp logs each context buffer as "<dev> KV|compute|output|RS buffer size = X MiB".
-_CTX_BUFFER_RE = re.compile(rb"\b(?:KV|compute|output|RS) buffer size =\s*([0-9.]+) MiB")
-_MIB = 1024 * 1024
-# On the CPU, memory beyond llama.cpp's model and context buffers that a worker touches
-# once a long prompt runs (thread pool work buffers, token buffers, allocator slack):
-# 12-13 MiB measured on models from 0.5 to 92 MiB (docs/vram.md).
-CPU_RUNTIME_MB = 16.0
 # A GPU warm-up decodes this many tokens, so the first prompt's one-time allocations (cuBLAS
 # workspace, memory pools: about 100 MB on an H200) are made before memory is measured.
 GPU_WARMUP_TOKENS = 32
@@ -105,18 +99,6 @@ class GenerateSpec:
     messages: tuple[dict[str, str], ...] | None = None  # a chat: the prompt is rendered first
 
 
-def _rss_mb() -> float:
-    """Resident set size of this process in MiB, from /proc (0.0 where there is none)."""
-    try:
-        with open("/proc/self/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"VmRSS:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return 0.0
-
-
 def _token_text(vocab: int, token: int) -> str:
     """A vocabulary entry's text ('' for a missing token)."""
     if token < 0:
@@ -155,7 +137,7 @@ class Engine:
         if not os.path.isfile(spec.path):
             raise LoadError("model file not found")
         t0 = time.perf_counter()
-        base_mb = _rss_mb()  # the process before the model: interpreter, llama.cpp's code
+        base_mb = rss_mb()  # the process before the model: interpreter, llama.cpp's code
         mparams = llama.llama_model_default_params()
         mparams.n_gpu_layers = spec.n_gpu_layers
         model = llama.llama_model_load_from_file(spec.path.encode(), mparams)
@@ -179,15 +161,12 @@ class Engine:
         on_gpu = spec.n_gpu_layers != 0 and llama.llama_supports_gpu_offload()
         warmup_ms = engine._warm_up(GPU_WARMUP_TOKENS if on_gpu else 1)
         info = engine._describe(captured)
-        rss_mb = _rss_mb()
-        # RSS right after the warm-up misses the KV cache and compute buffer pages a long
-        # prompt will touch; llama.cpp's own buffer sizes do not.
-        sized_mb = base_mb + (info["model_bytes"] + info["ctx_bytes"]) / _MIB + CPU_RUNTIME_MB
+        rss_after_mb = rss_mb()
         info.update(
             load_ms=load_ms,
             warmup_ms=warmup_ms,
-            rss_mb=rss_mb,
-            mem_mb=max(rss_mb, sized_mb),
+            rss_mb=rss_after_mb,
+            mem_mb=accounted_mb(base_mb, rss_after_mb, info["model_bytes"], info["ctx_bytes"]),
             threads=spec.threads,
         )
         return engine, info
@@ -224,9 +203,9 @@ class Engine:
 
     def _ctx_bytes(self, ctx_log: list[bytes]) -> int:
         """Context memory: the KV/compute/output buffers llama.cpp reported, else the KV size."""
-        mib = sum(float(m.group(1)) for m in _CTX_BUFFER_RE.finditer(b"".join(ctx_log)))
-        if mib > 0:
-            return int(mib * _MIB)
+        logged = logged_ctx_bytes(ctx_log)
+        if logged > 0:
+            return logged
         m = self._model
         n_head = max(1, llama.llama_model_n_head(m))
         head_dim = llama.llama_model_n_embd(m) // n_head
@@ -277,7 +256,11 @@ class Engine:
         if spec.top_p < 1.0:
             add(chain, llama.llama_sampler_init_top_p(spec.top_p, 1))
         add(chain, llama.llama_sampler_init_temp(spec.temperature))
-        seed = random.getrandbits(32) if spec.seed is None else spec.seed & 0xFFFFFFFF
+        if spec.seed is None:
+            seed = random.getrandbits(32)
+        else:  # llama.cpp takes its "random" seed for a chosen one: give it its neighbour
+            seed = spec.seed & 0xFFFFFFFF
+            seed = seed - 1 if seed == llama.LLAMA_DEFAULT_SEED else seed
         add(chain, llama.llama_sampler_init_dist(seed))
         return chain
 
@@ -287,11 +270,11 @@ class Engine:
         n_prompt = self.tokenize(spec.prompt)
         rid = spec.id
         if n_prompt == 0:
-            sink.send(_error(rid, "invalid_request", "the prompt has no tokens"))
+            sink.send(error_event(rid, "invalid_request", "the prompt has no tokens"))
             return
         if n_prompt >= self.n_ctx:
             msg = f"prompt is {n_prompt} tokens, the context holds {self.n_ctx}"
-            sink.send(_error(rid, "prompt_too_long", msg))
+            sink.send(error_event(rid, "prompt_too_long", msg))
             return
         sink.send({"ev": "start", "id": rid, "prompt_tokens": n_prompt})
         self._cancel = cancel
@@ -300,10 +283,10 @@ class Engine:
         try:
             rc = self._process_prompt(n_prompt, cancel)
             if cancel.cancelled:  # between chunks, or inside one (llama_decode returned 2)
-                sink.send(_done(rid, "cancelled", n_prompt, 0, 0.0, 0.0))
+                sink.send(done_event(rid, "cancelled", n_prompt, 0, 0.0, 0.0))
                 return
             if rc != 0:
-                sink.send(_error(rid, "generation_failed", f"llama_decode returned {rc}"))
+                sink.send(error_event(rid, "generation_failed", f"llama_decode returned {rc}"))
                 return
             limit = min(spec.max_tokens, self.n_ctx - n_prompt)
             self._decode_loop(spec, smpl, limit, n_prompt, t_req, cancel, sink)
@@ -398,7 +381,7 @@ class Engine:
         t_first = t_first or t_end
         ttft_ms = (t_first - t_req) * 1000.0
         gen_ms = (t_end - t_first) * 1000.0
-        done = _done(rid, reason, n_prompt, n_gen, ttft_ms, gen_ms)
+        done = done_event(rid, reason, n_prompt, n_gen, ttft_ms, gen_ms)
         done["threads"] = self.threads  # what the last decode ran with
         events.append(done)
         sink.send(*events)
@@ -422,25 +405,5 @@ class Engine:
     def _finish_error(sink: Sink, rid: int, pending: list[str], rc: int) -> None:
         """Flush what was generated, then report a failed decode."""
         events = [{"ev": "tokens", "id": rid, "texts": pending}] if pending else []
-        events.append(_error(rid, "generation_failed", f"llama_decode returned {rc}"))
+        events.append(error_event(rid, "generation_failed", f"llama_decode returned {rc}"))
         sink.send(*events)
-
-
-def _done(
-    rid: int, reason: str, n_prompt: int, n_gen: int, ttft_ms: float, gen_ms: float
-) -> dict[str, Any]:
-    """A `done` event: ttft_ms from receiving the request to the first text, gen_ms after it."""
-    return {
-        "ev": "done",
-        "id": rid,
-        "finish_reason": reason,
-        "prompt_tokens": n_prompt,
-        "completion_tokens": n_gen,
-        "ttft_ms": round(ttft_ms, 3),
-        "gen_ms": round(gen_ms, 3),
-    }
-
-
-def _error(rid: int, code: str, message: str) -> dict[str, Any]:
-    """An `error` event ending a generate."""
-    return {"ev": "error", "id": rid, "code": code, "message": message}

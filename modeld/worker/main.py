@@ -34,6 +34,7 @@ from modeld.worker.engine import (
     LoadError,
     LoadSpec,
 )
+from modeld.worker.events import error_event
 from modeld.worker.llama_log import init_backend
 
 __all__ = ["Channel", "main", "parse_generate", "parse_load"]
@@ -261,7 +262,7 @@ class Worker:
         try:
             spec = parse_generate(obj)
         except ValueError as exc:
-            self._chan.send(_error(rid, "invalid_request", str(exc)))
+            self._chan.send(error_event(rid, "invalid_request", str(exc)))
             return
         flag = CancelFlag()
         with self._lock:
@@ -269,7 +270,7 @@ class Worker:
             if not busy:
                 self._current = (rid, flag)
         if busy:
-            self._chan.send(_error(rid, "busy", "another generation is running"))
+            self._chan.send(error_event(rid, "busy", "another generation is running"))
             return
         self._queue.put((spec, flag))
 
@@ -332,13 +333,13 @@ class Worker:
     def _generate(self, spec: GenerateSpec, flag: CancelFlag) -> None:
         try:
             if self._engine is None:
-                self.send(_error(spec.id, "invalid_request", "no model is loaded"))
+                self.send(error_event(spec.id, "invalid_request", "no model is loaded"))
                 return
             if spec.messages is not None:
                 try:
                     spec = dataclasses.replace(spec, prompt=render(self._template, spec.messages))
                 except ModeldError as exc:
-                    self.send(_error(spec.id, exc.code, exc.message, exc.param))
+                    self.send(error_event(spec.id, exc.code, exc.message, exc.param))
                     return
             self._engine.generate(spec, flag, self)
         except Exception as exc:  # a bug here must end the request, not the worker
@@ -346,7 +347,7 @@ class Worker:
             with self._lock:
                 unanswered = self._current is not None and self._current[1] is flag
             if unanswered:
-                self.send(_error(spec.id, "generation_failed", f"worker error: {exc!r}"))
+                self.send(error_event(spec.id, "generation_failed", f"worker error: {exc!r}"))
         finally:
             with self._lock:
                 if self._current is not None and self._current[1] is flag:
@@ -358,11 +359,6 @@ class Worker:
             with self._lock:
                 self._current = None
         self._chan.send(*events)
-
-
-def _error(rid: int, code: str, message: str, param: str | None = None) -> dict[str, Any]:
-    event = {"ev": "error", "id": rid, "code": code, "message": message}
-    return event if param is None else {**event, "param": param}
 
 
 def _log(message: str) -> None:

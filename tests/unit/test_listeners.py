@@ -9,7 +9,8 @@ import anyio
 import pytest
 
 from modeld import listeners
-from modeld.listeners import fit_connections_to_fd_limit, transient_accept_error
+from modeld.http.server import ConnInfo
+from modeld.listeners import accept_forever, fit_connections_to_fd_limit, transient_accept_error
 
 
 class FakeLimits:
@@ -64,6 +65,52 @@ def test_running_out_of_descriptors_passes(code: int) -> None:
     assert transient_accept_error(OSError(code, "x"))  # its TCP listener does not
 
 
+@pytest.mark.parametrize("code", [errno.EPERM, errno.ETIMEDOUT, errno.EHOSTUNREACH])
+def test_errors_of_one_client_pass_too(code: int) -> None:
+    assert transient_accept_error(_broken(code))
+
+
 def test_a_broken_listener_does_not_pass() -> None:
     assert not transient_accept_error(_broken(errno.EBADF))
     assert not transient_accept_error(anyio.BrokenResourceError())
+
+
+class FakeListener:
+    """accept() fails with each of `errors` in turn, then returns `stream`, then is closed."""
+
+    def __init__(self, errors: list[BaseException], stream: object) -> None:
+        self.errors = errors
+        self.stream: object | None = stream
+
+    async def accept(self) -> object:
+        if self.errors:
+            raise self.errors.pop(0)
+        if self.stream is None:
+            raise anyio.ClosedResourceError
+        stream, self.stream = self.stream, None
+        return stream
+
+
+async def _accepted(listener: FakeListener, stopping: anyio.Event) -> list[object]:
+    item = listeners.OpenListener(listener, ConnInfo("unix", False), "unix:test")  # type: ignore[arg-type]
+    return [s async for s in accept_forever(item, stopping)]
+
+
+@pytest.mark.anyio
+async def test_out_of_descriptors_waits_and_accepts_again() -> None:
+    # as anyio's Unix listener raises it
+    emfile: list[BaseException] = [_broken(errno.EMFILE) for _ in range(3)]
+    assert await _accepted(FakeListener(emfile, "conn"), anyio.Event()) == ["conn"]
+
+
+@pytest.mark.anyio
+async def test_a_broken_listener_or_shutdown_ends_the_loop() -> None:
+    assert await _accepted(FakeListener([_broken(errno.EBADF)], "conn"), anyio.Event()) == []
+    stopping = anyio.Event()
+    stopping.set()
+    assert await _accepted(FakeListener([_broken(errno.EMFILE)], "conn"), stopping) == []
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"

@@ -174,19 +174,20 @@ def test_max_tokens_is_respected(worker: Worker) -> None:
     assert events[-1]["finish_reason"] == "length"
 
 
-def test_seeded_sampling_repeats(worker: Worker) -> None:
+@pytest.mark.parametrize("seed", [1234, 0xFFFFFFFF])  # the latter is llama.cpp's "random"
+def test_seeded_sampling_repeats(worker: Worker, seed: int) -> None:
     params: dict[str, Any] = {
-        "temperature": 0.9,
-        "top_p": 0.9,
-        "top_k": 20,
-        "seed": 1234,
+        "temperature": 1.5,
+        "top_p": 1.0,
+        "top_k": 0,
+        "seed": seed,
         "max_tokens": 24,
     }
-    worker.generate(4, **params)
-    a, _ = worker.collect(4)
-    worker.generate(5, **params)
-    b, _ = worker.collect(5)
-    assert a == b
+    texts = []
+    for rid in range(3):
+        worker.generate(100 + rid, **params)
+        texts.append(worker.collect(100 + rid)[0])
+    assert texts[0] == texts[1] == texts[2]
 
 
 def test_stop_string_ends_before_it(worker: Worker) -> None:

@@ -8,9 +8,9 @@ from typing import Any, cast
 import anyio
 import pytest
 
-from modeld.api.chat_template import ChatMessage, ChatTemplateError
 from modeld.api.openai import DONE, Envelope, OpenAISink
 from modeld.api.openai_request import parse_chat, parse_completion
+from modeld.chat_template import ChatMessage, ChatTemplateError
 from modeld.errors import (
     InvalidRequest,
     ModeldError,

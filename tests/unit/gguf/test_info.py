@@ -142,9 +142,16 @@ def test_split_model_sums_all_parts(tmp_path: Path) -> None:
     assert not second.is_language_model
     assert (second.split_count, second.split_no) == (3, 1)
     (tmp_path / "split-00003-of-00003.gguf").unlink()
-    gone = read_model_info(first)
-    assert not gone.is_language_model
-    assert gone.kind_reason == "split part 3 of 3 is missing"
+    with pytest.raises(InvalidModelFile, match="split part 3 of 3 is missing"):
+        read_model_info(first)  # a broken model, listed with its error, not another kind
+
+
+def test_a_broken_later_part_breaks_the_model(tmp_path: Path) -> None:
+    write_model(tmp_path / "split.gguf", split_max_tensors=10)
+    with (tmp_path / "split-00002-of-00003.gguf").open("r+b") as f:
+        f.truncate(64)
+    with pytest.raises(InvalidModelFile, match="truncated"):
+        read_model_info(tmp_path / "split-00001-of-00003.gguf")
 
 
 def test_split_parts_pattern(tmp_path: Path) -> None:

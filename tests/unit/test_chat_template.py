@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from modeld.api import chat_template as ct
-from modeld.api.chat_template import ChatMessage, ChatTemplateError, render_chat
+from modeld import chat_template as ct
+from modeld.chat_template import ChatMessage, ChatTemplateError, render_chat
 from modeld.errors import InvalidRequest
 
 HI = (ChatMessage("user", "hi"),)
