@@ -138,9 +138,12 @@ class App:
         if methods is None:
             raise NotFound(f"no such endpoint: {request.path}")
         route = methods.get(request.method)
+        if route is None and request.method == "HEAD":
+            route = methods.get("GET")  # the same answer; the connection sends no body
         if route is None:
+            allow = sorted({*methods, *(["HEAD"] if "GET" in methods else [])})
             raise MethodNotAllowed(
-                f"{request.method} is not allowed on {request.path}", allow=sorted(methods)
+                f"{request.method} is not allowed on {request.path}", allow=allow
             )
         return route
 

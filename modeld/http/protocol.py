@@ -128,6 +128,7 @@ class ServerConnection:
         self._head: h11.Request | None = None
         self._head_at = 0.0  # when the head was parsed: timings include the upload
         self._seen: h11.Request | None = None  # that head, even one refused: for the log
+        self._head_only = False  # answering HEAD: the response's head, never its body
         self._body: list[bytes] = []
         self._body_size = 0
 
@@ -161,6 +162,7 @@ class ServerConnection:
                 return CLOSED
             if isinstance(event, h11.Request):
                 self._seen = event
+                self._head_only = event.method == b"HEAD"
                 problem = self._check_head(event)
                 if problem is not None:
                     return Failure(problem)
@@ -243,7 +245,7 @@ class ServerConnection:
         return self._h11.send(response) or b""
 
     def data(self, data: bytes) -> bytes:
-        if not data:
+        if not data or self._head_only:  # HEAD: the Content-Length says what GET would send
             return b""
         return self._h11.send(h11.Data(data=data)) or b""
 

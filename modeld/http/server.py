@@ -232,6 +232,9 @@ async def serve_connection(
                 return
     except GONE:
         return
+    except Exception:  # a bug serving one connection ends that connection, never the daemon
+        log.exception("error serving a connection; closing it")
+        return
     finally:
         slots.open -= 1
         with anyio.CancelScope(shield=True):

@@ -76,8 +76,12 @@ def _chunked(data: bytes, pos: int) -> tuple[bytes, int]:
         pos += size + 2
 
 
-def parse_responses(data: bytes) -> list[RawResponse]:
-    """Split bytes read from the daemon into responses; fail on anything malformed."""
+def parse_responses(data: bytes, *, head: bool = False) -> list[RawResponse]:
+    """Split bytes read from the daemon into responses; fail on anything malformed.
+
+    `head`: some requests were HEAD, whose answers have a Content-Length but no body; an
+    answer followed by nothing or by the next status line is then taken for one of those.
+    """
     out: list[RawResponse] = []
     pos = 0
     while pos < len(data):
@@ -93,6 +97,8 @@ def parse_responses(data: bytes) -> list[RawResponse]:
         pos = end + 4
         if headers.get("transfer-encoding", "").lower() == "chunked":
             body, pos = _chunked(data, pos)
+        elif head and (pos == len(data) or data.startswith(b"HTTP/1.1 ", pos)):
+            body = b""
         else:
             size = int(headers.get("content-length", "0"))
             body, pos = data[pos : pos + size], pos + size

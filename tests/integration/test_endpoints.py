@@ -269,14 +269,40 @@ def test_unknown_path_is_404(shared: Daemon, via: str) -> None:
 
 @pytest.mark.parametrize(
     ("method", "path", "allow"),
-    [("GET", "/infer", "POST"), ("POST", "/healthz", "GET"), ("DELETE", "/models", "GET")],
+    [
+        ("GET", "/infer", "POST"),
+        ("HEAD", "/infer", "POST"),
+        ("POST", "/healthz", "GET, HEAD"),
+        ("DELETE", "/models", "GET, HEAD"),
+    ],
 )
 def test_wrong_method_is_405_with_allow(
     shared: Daemon, via: str, method: str, path: str, allow: str
 ) -> None:
     resp = shared.client(via).request(method, path, raw=b"{}" if method == "POST" else None)
-    error_of(resp, 405, "method_not_allowed")
-    assert resp.headers["allow"] == allow
+    assert resp.status == 405 and resp.headers["allow"] == allow
+    if method != "HEAD":  # a HEAD answer has no body
+        error_of(resp, 405, "method_not_allowed")
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/models", "/status", "/v1/models"])
+def test_head_is_get_without_the_body(shared: Daemon, via: str, path: str) -> None:
+    """Monitors and `curl -I` send HEAD: the same status and headers as GET, no body."""
+    conn = shared.client(via).connection()
+    try:
+        conn.request("HEAD", path)
+        head = conn.getresponse()
+        assert head.read() == b""
+        conn.request("GET", path)  # the connection is still good for the next request
+        get = conn.getresponse()
+        body = get.read()
+    finally:
+        conn.close()
+    assert head.status == get.status
+    assert head.getheader("Content-Type") == get.getheader("Content-Type")
+    if path in ("/healthz", "/v1/models"):  # the same document both times
+        assert int(head.getheader("Content-Length") or -1) == len(body)
+    assert shared.client(via).get("/healthz").status == 200
 
 
 def test_keep_alive_serves_several_requests_on_one_connection(shared: Daemon, via: str) -> None:

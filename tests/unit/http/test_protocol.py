@@ -202,3 +202,17 @@ def test_no_100_continue_when_the_body_came_anyway_or_is_too_large() -> None:
     head = b"POST /infer HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 101\r\n\r\n"
     failure = feed(big, head)
     assert isinstance(failure, Failure) and failure.error.http_status == 413
+
+
+def test_a_head_request_gets_the_head_with_the_length_of_the_body_and_no_body() -> None:
+    conn = ServerConnection(SMALL)
+    req = feed(conn, b"HEAD /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert isinstance(req, Request) and req.method == "HEAD"
+    out = conn.full_response(200, [("Content-Type", "application/json")], b'{"status": "ok"}')
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"Content-Length: 16" in head
+    assert body == b""
+    assert conn.next_cycle()  # and the connection goes on to the next request
+    req2 = feed(conn, b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert isinstance(req2, Request)
+    assert conn.full_response(200, [], b"{}").endswith(b"\r\n\r\n{}")
