@@ -247,7 +247,10 @@ def _next_event(sock: socket.socket, conn: h11.Connection) -> Any:
         try:
             data = sock.recv(RECV_SIZE)
         except TimeoutError as exc:
-            raise DaemonTimeout("the daemon did not answer in time") from exc
+            raise DaemonTimeout(
+                "the daemon did not answer in time (it answers nothing while it loads its"
+                " --preload models; see `journalctl -u modeld` or its log)"
+            ) from exc
         except OSError as exc:
             raise ProtocolError(f"connection to the daemon lost: {exc.strerror or exc}") from exc
         conn.receive_data(data)

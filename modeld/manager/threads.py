@@ -24,13 +24,15 @@ def thread_share(alone: int, running: int) -> int:
 
 
 def reshare(instances: Iterable[Instance]) -> list[Instance]:
-    """Set `threads` of every running instance to its share now; return those whose
-    worker must be told and has no `push_threads` under way."""
-    running = [i for i in instances if i.inflight and i.handle is not None]
+    """Set `threads` of every loaded instance to its share now (an idle one: all of its
+    own, until it runs beside others); return those whose worker must be told and has
+    no `push_threads` under way."""
+    loaded = [i for i in instances if i.handle is not None]
+    running = sum(1 for i in loaded if i.inflight)
     out = []
-    for inst in running:
+    for inst in loaded:
         assert inst.handle is not None
-        share = thread_share(inst.handle.info.threads, len(running))
+        share = thread_share(inst.handle.info.threads, running if inst.inflight else 1)
         if inst.threads is not None and share != inst.threads:
             inst.threads = share
             if not inst.threads_pushing:

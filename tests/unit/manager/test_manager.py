@@ -500,4 +500,6 @@ async def test_concurrent_generations_share_the_cores() -> None:
         hold_b.set()
         await anyio.sleep(1)
         assert [n for model, n in backend.threads_set if model == "c"][-1] == 4  # alone again
+        # The idle ones have all of theirs again too (for /status, and their next turn).
+        assert [i["threads"] for i in m.status()["instances"]] == [4, 4, 4]
         hold_c.set()
