@@ -14,6 +14,7 @@ from modeld import __version__
 from modeld.config import DEFAULT_LISTEN, Config, parse_listen
 from modeld.http.protocol import Limits
 from modeld.paths import default_socket_path
+from modeld.worker import STREAM_INTERVAL_MS
 
 log = logging.getLogger("modeld")
 
@@ -104,7 +105,7 @@ def _socket(ctx: click.Context, param: click.Parameter, value: str | None) -> Pa
 @click.option(
     "--stream-interval-ms",
     type=click.IntRange(min=0, max=1000),
-    default=10,
+    default=STREAM_INTERVAL_MS,
     help="Tokens made within this long of the last write are sent with the next (0: each at once).",
 )
 @click.option(

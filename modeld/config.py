@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from modeld.http.protocol import Limits
+from modeld.worker import STREAM_INTERVAL_MS
 
 DEFAULT_LISTEN = "127.0.0.1:8484"  # loopback only: modeld serves this machine
 
@@ -24,7 +25,7 @@ class Config:
     threads: int = 0
     flash_attn: str = "auto"
     n_batch: int = 512
-    stream_interval_ms: int = 10
+    stream_interval_ms: int = STREAM_INTERVAL_MS
     max_queue_depth: int = 32
     max_wait_ms: int = 30_000
     max_inflight: int = 0

@@ -46,6 +46,7 @@ from modeld.manager.backend import (
     Started,
     Tokens,
 )
+from modeld.worker import STREAM_INTERVAL_MS
 from modeld.worker.channel import Channel
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ class WorkerSettings:
     threads: int = 0  # 0: the worker picks (one per physical core)
     flash_attn: str = "auto"
     n_batch: int = 512
-    stream_interval_ms: int = 10
+    stream_interval_ms: int = STREAM_INTERVAL_MS
     load_timeout_s: float = 120.0
     gpu: bool = False  # measure memory with NVML instead of RSS
 

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import llama_cpp.llama_cpp as llama
 
-from modeld.worker import llama_log
+from modeld.worker import STREAM_INTERVAL_MS, llama_log
 from modeld.worker.events import done_event, error_event
 from modeld.worker.memory import accounted_mb, logged_ctx_bytes, rss_mb
 from modeld.worker.textstream import TextStream
@@ -33,11 +33,7 @@ __all__ = [
     "Sink",
 ]
 
-# Tokens made within this long of the last write wait to go out with the next one. Each
-# write wakes the daemon and the client; on a machine whose cores all decode, that CPU
-# comes out of decoding (see docs/performance.md). 10 ms is below what a reader can see;
-# a token waits at most the interval plus the time to make one more.
-STREAM_INTERVAL_S = 0.010
+STREAM_INTERVAL_S = STREAM_INTERVAL_MS / 1000.0  # see modeld.worker
 PIECE_BUF_BYTES = 256  # longest token piece we expect; a longer one is retried with its size
 WARMUP_TOKEN_FALLBACK = 0  # token decoded for warm-up when the model has no BOS
 TOKEN_BYTES = ctypes.sizeof(llama.llama_token)  # stride of the token buffer
