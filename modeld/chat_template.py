@@ -17,12 +17,11 @@ import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import jinja2
-import jinja2.exceptions
-import jinja2.ext
-import jinja2.sandbox
+if TYPE_CHECKING:  # Jinja is imported where templates are compiled: the worker, not the daemon
+    import jinja2
+    import jinja2.sandbox
 
 from modeld.errors import InvalidRequest, ModeldError, TemplateError
 
@@ -95,23 +94,26 @@ def _tojson(
     )
 
 
-class _Sandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
-    """Jinja's immutable sandbox, but an unsafe attribute fails at once.
-
-    Jinja's own one returns an undefined value that only fails when used, so
-    `{{ ''.__class__ }}` would quietly print nothing; a template that tries must stop.
-    """
-
-    def unsafe_undefined(self, obj: Any, attribute: str) -> jinja2.Undefined:
-        raise jinja2.exceptions.SecurityError(
-            f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe"
-        )
-
-
 @functools.cache
-def _environment() -> _Sandbox:
+def _environment() -> jinja2.sandbox.ImmutableSandboxedEnvironment:
     """The one sandbox every template is compiled in, with Hugging Face's settings."""
-    env = _Sandbox(
+    import jinja2.exceptions
+    import jinja2.ext
+    import jinja2.sandbox
+
+    class Sandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
+        """Jinja's immutable sandbox, but an unsafe attribute fails at once.
+
+        Jinja's own one returns an undefined value that only fails when used, so
+        `{{ ''.__class__ }}` would quietly print nothing; a template that tries must stop.
+        """
+
+        def unsafe_undefined(self, obj: Any, attribute: str) -> jinja2.Undefined:
+            raise jinja2.exceptions.SecurityError(
+                f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe"
+            )
+
+    env = Sandbox(
         trim_blocks=True,
         lstrip_blocks=True,
         extensions=[jinja2.ext.loopcontrols],
@@ -126,6 +128,8 @@ def _environment() -> _Sandbox:
 @functools.lru_cache(maxsize=TEMPLATE_CACHE_SIZE)
 def compile_template(source: str) -> jinja2.Template:
     """Compile a template once per distinct source text."""
+    import jinja2
+
     try:
         return _environment().from_string(source)
     except jinja2.TemplateSyntaxError as exc:
@@ -180,6 +184,8 @@ def render_chat(
 
 def _render(compiled: jinja2.Template, context: dict[str, Any]) -> str:
     """Render with an output cap; every failure becomes a ModeldError."""
+    import jinja2.exceptions
+
     parts: list[str] = []
     size = 0
     try:
