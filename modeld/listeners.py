@@ -30,7 +30,7 @@ log = logging.getLogger("modeld")
 FD_RESERVE = 256
 # accept() errors that mean the listening socket itself is unusable; any other (out of
 # descriptors or memory for a moment, a client gone during the handshake, ...) passes.
-FATAL_ACCEPT_ERRORS = frozenset({errno.EBADF, errno.EINVAL, errno.ENOTSOCK, errno.EOPNOTSUPP})
+FATAL_ACCEPT_ERRORS = frozenset({errno.EBADF, errno.EINVAL, errno.ENOTSOCK})
 ACCEPT_RETRY_S = 0.1  # wait after a failed accept() before the next
 ACCEPT_LOG_S = 1.0  # failed accepts are logged at most this often
 

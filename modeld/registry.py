@@ -169,7 +169,7 @@ class Registry:
             target = path.resolve()
             if not target.is_relative_to(self.models_dir.resolve()):
                 return ModelSpec(name, path, 0, 0, invalid=OUTSIDE_LINK)
-        key = _stamp_of(st)
+        key = _stamp_of(path, st)
         cached = self._cache.get(path)
         if cached is not None and cached[0] == key:
             return cached[1]
@@ -222,13 +222,28 @@ class Registry:
         return total
 
 
-def _stamp_of(st: os.stat_result) -> tuple[int, int, int]:
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
-
-
 def _stamp(path: Path) -> tuple[int, int, int] | None:
-    """The stamp of the file at path now (None when it is gone)."""
+    """The stamp of the model file at path now, None when it is gone."""
     try:
-        return _stamp_of(os.stat(path))
+        return _stamp_of(path, os.stat(path))
     except OSError:
         return None
+
+
+def _stamp_of(path: Path, st: os.stat_result) -> tuple[int, int, int]:
+    """(mtime_ns, size, inode) of the file at path (`st`, its stat).
+
+    A split model's covers all its parts (the latest mtime, the total size present), so a
+    part that appears, grows or is rewritten makes it a new file too.
+    """
+    mtime, size = st.st_mtime_ns, st.st_size
+    split = SPLIT_RE.match(path.name)
+    if split is not None:
+        count = int(split["count"])
+        for no in range(2, count + 1):
+            try:
+                part = os.stat(path.with_name(f"{split['stem']}-{no:05d}-of-{count:05d}.gguf"))
+            except OSError:
+                continue
+            mtime, size = max(mtime, part.st_mtime_ns), size + part.st_size
+    return (mtime, size, st.st_ino)

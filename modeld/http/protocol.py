@@ -275,5 +275,6 @@ class ServerConnection:
         """Get ready for the next request on this connection; False when it must close."""
         if self._h11.our_state is h11.DONE and self._h11.their_state is h11.DONE:
             self._h11.start_next_cycle()
+            self._head_only = False  # a refusal before the next head must carry its body
             return True
         return False

@@ -162,3 +162,20 @@ async def test_a_file_rewritten_in_place_is_checked_again_before_it_is_served(
     assert path.stat().st_ino == inode
     spec = await reg.resolve("m")
     assert spec.invalid and "truncated" in spec.invalid  # not the stale, valid spec
+
+
+@pytest.mark.anyio
+async def test_a_split_model_is_looked_at_again_when_any_part_changes(
+    tmp_path: Path, tiny: Path
+) -> None:
+    first, second = tmp_path / "big-00001-of-00002.gguf", tmp_path / "big-00002-of-00002.gguf"
+    shutil.copy(tiny, first)
+    reg = Registry(tmp_path)
+    assert reg.scan()[first.name].invalid == "split model with missing parts"
+    shutil.copy(tiny, second)  # the download of the last part completes
+    assert reg.scan()[first.name].size_bytes == 2 * tiny.stat().st_size
+    spec = await reg.resolve(first.name)
+    assert spec.invalid != "split model with missing parts"
+    with second.open("r+b") as f:  # a later part changes: the next request looks again
+        f.truncate(100)
+    assert (await reg.resolve(first.name)).size_bytes == tiny.stat().st_size + 100

@@ -216,3 +216,15 @@ def test_a_head_request_gets_the_head_with_the_length_of_the_body_and_no_body() 
     req2 = feed(conn, b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
     assert isinstance(req2, Request)
     assert conn.full_response(200, [], b"{}").endswith(b"\r\n\r\n{}")
+
+
+def test_a_bad_request_after_a_head_still_gets_its_error_body() -> None:
+    conn = ServerConnection(SMALL)
+    assert isinstance(feed(conn, b"HEAD /healthz HTTP/1.1\r\nHost: a\r\n\r\n"), Request)
+    conn.full_response(200, [], b"{}")
+    assert conn.next_cycle()
+    failure = feed(conn, b"GARBAGE\r\n\r\n")
+    assert isinstance(failure, Failure)
+    out = conn.error_response(failure.error, close=True)
+    body = out.partition(b"\r\n\r\n")[2]
+    assert json.loads(body)["error"]["code"] == failure.error.code
