@@ -372,6 +372,8 @@ class Manager:
         try:
             async with self.acquire(spec):
                 pass
+        except ShuttingDown:
+            log.info("preload of %s stopped: modeld is shutting down", spec.id)
         except ModeldError as exc:
             log.warning("preload of %s failed: %s", spec.id, exc.message)
 
