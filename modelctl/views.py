@@ -18,12 +18,14 @@ from rich.text import Text
 from modelctl.schema import Instance, ModelInfo, Outcome, Status, Vram
 
 BAR_WIDTH = 40  # cells in the VRAM bar: fine-grained enough, fits an 80-column terminal
+MIN_BAR_WIDTH = 10  # the bar shrinks to fit a narrow terminal, down to this
 NO_VALUE = "-"  # what a column shows for an unknown figure
 # States whose memory the budget counts (the daemon's RESIDENT): the estimate until measured.
 RESERVING_STATES = frozenset({"loading", "ready", "unloading"})
 COLUMN_GAP = 3  # cells between two columns of `_table`: padding, blank divider, padding
 STATE_MIN_WIDTH = len("unloading")  # a squeezed STATE column still shows every state whole
 NAME_MIN_WIDTH = 16  # a squeezed model id still shows enough to tell models apart
+LAST_RESORT_WIDTH = 4  # how far the giving-way columns shrink in a very narrow terminal
 SEPARATOR = " · "  # between the parts of the stats line; it wraps only here
 
 # Colour of each instance/model state; unknown states are shown unstyled.
@@ -92,7 +94,9 @@ class FittedTable:
     with `…`, rather than wrapping every cell of every column into fragments.
 
     `give_way` lists (header, narrowest width): the first column shrinks first, down to
-    its narrowest, then the next. Everything fits in a pipe's wide console, uncut.
+    its narrowest, then the next; in a terminal too narrow even for that they shrink
+    further, down to a few cells, so the other columns (figures) are never cut.
+    Everything fits in a pipe's wide console, uncut.
     """
 
     def __init__(self, table: Table, give_way: Sequence[tuple[str, int]]) -> None:
@@ -107,12 +111,16 @@ class FittedTable:
             cells = [column.header, *column.cells]
             widths.append(max(Measurement.get(console, options, c).maximum for c in cells))
         excess = sum(widths) + COLUMN_GAP * (len(columns) - 1) - options.max_width
-        for header, narrowest in self.give_way:
-            index = next(i for i, column in enumerate(columns) if column.header == header)
-            cut = min(max(0, excess), max(0, widths[index] - narrowest))
-            if cut:
-                columns[index].max_width = widths[index] - cut
-                excess -= cut
+        giving = [next(i for i, c in enumerate(columns) if c.header == h) for h, _ in self.give_way]
+        for floors in ([n for _, n in self.give_way], [LAST_RESORT_WIDTH] * len(giving)):
+            for index, narrowest in zip(giving, floors, strict=True):
+                now = columns[index].max_width or widths[index]
+                cut = min(max(0, excess), max(0, now - narrowest))
+                if cut:
+                    columns[index].max_width = now - cut
+                    excess -= cut
+        for index, column in enumerate(columns):  # the others keep their width: figures stay whole
+            column.min_width = None if index in giving else widths[index]
         yield self.table
 
 
@@ -130,6 +138,19 @@ def models_table(models: list[ModelInfo]) -> RenderableType:
             state_text(m.state, m.error),
         )
     return FittedTable(table, [("STATE", STATE_MIN_WIDTH), ("ID", NAME_MIN_WIDTH)])
+
+
+class FittedVramBar:
+    """`vram_bar` with a bar short enough that the line fits the terminal (at least
+    MIN_BAR_WIDTH cells; a terminal narrower than that wraps the figures)."""
+
+    def __init__(self, vram: Vram) -> None:
+        self.vram = vram
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        figures = len(f"VRAM  {self.vram.used_mb or 0} / {self.vram.budget_mb} MB used")
+        room = options.max_width - figures
+        yield vram_bar(self.vram, max(MIN_BAR_WIDTH, min(BAR_WIDTH, room)))
 
 
 def vram_bar(vram: Vram, width: int = BAR_WIDTH) -> Text:
@@ -199,7 +220,7 @@ def instances_table(instances: tuple[Instance, ...], now: float) -> RenderableTy
 def status_view(status: Status, now: float) -> RenderableType:
     """The `modelctl status` screen: VRAM bar, counters, instances."""
     return Group(
-        vram_bar(status.vram),
+        FittedVramBar(status.vram),
         _counters_line(status),
         Text(""),
         instances_table(status.instances, now),

@@ -230,3 +230,15 @@ def test_status_table_fits_80_columns_one_line_a_row() -> None:
     assert error_row.startswith("qwen2.5-coder")
     assert "error (" in error_row and "…" in error_row
     assert error_row.split()[-4:] == ["never", "-", "0", "0"]  # in error: holds no VRAM
+
+
+@pytest.mark.parametrize("width", [60, 64, 72])
+def test_status_in_a_narrow_terminal_keeps_the_figures_whole(width: int) -> None:
+    """A tmux split: the bar shrinks so its line does not wrap; the model id and the state
+    give way, never a figure."""
+    text = render(status_view(Status.from_json(STATUS), now=1764355260.0), width=width)
+    lines = text.splitlines()
+    assert all(len(line) <= width for line in lines), text
+    assert lines[0].startswith("VRAM ") and lines[0].endswith("MB used"), text
+    row = text.split("\n\n", 1)[1].splitlines()[2]
+    assert row.split()[-4:] == ["598", "MB", "1", "4"], text
