@@ -72,6 +72,13 @@ class NotImplementedByServer(ModeldError):
     http_status = 501
 
 
+class VersionNotSupported(ModeldError):
+    """A request line naming an HTTP version other than 1.x (HTTP/2 needs its own server)."""
+
+    code = "http_version_not_supported"
+    http_status = 505
+
+
 class NoDefaultModel(ModeldError):
     code = "no_default_model"
     http_status = 400

@@ -53,18 +53,29 @@ def error_body(path: str, error: ModeldError) -> dict[str, Any]:
 
 
 def is_loopback_host(host: str) -> bool:
-    """True when a Host header names this machine (a loopback name or address)."""
+    """True when a Host header names this machine (a loopback name or address), with an
+    optional port of digits; anything else after the name (`[::1]evil.com`) is refused."""
     host = host.strip().lower()
     if host.startswith("["):
-        host = host[1:].partition("]")[0]
-    elif host.count(":") == 1:
-        host = host.partition(":")[0]
-    if host in LOOPBACK_NAMES or host.endswith(".localhost"):
+        name, closed, rest = host[1:].partition("]")
+        if not closed:
+            return False
+    elif host.count(":") > 1:  # a bare IPv6 address (no port possible)
+        name, rest = host, ""
+    else:
+        name, colon, port = host.partition(":")
+        rest = colon + port
+    if rest and not (rest[0] == ":" and rest[1:].isdigit()):
+        return False
+    name = name.removesuffix(".")  # a fully qualified name may end in a dot
+    if name in LOOPBACK_NAMES or name.endswith(".localhost"):
         return True
     try:
-        return ipaddress.ip_address(host.partition("%")[0]).is_loopback  # drop a v6 scope id
+        ip = ipaddress.ip_address(name.partition("%")[0])  # drop a v6 scope id
     except ValueError:
         return False
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return (mapped or ip).is_loopback
 
 
 class App:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
@@ -22,6 +23,7 @@ from modeld.errors import (
     ModeldError,
     NotImplementedByServer,
     PayloadTooLarge,
+    VersionNotSupported,
 )
 
 SERVER_HEADER = ("Server", "modeld")
@@ -119,18 +121,32 @@ CLOSED = Closed()
 Outcome = Request | NeedData | Closed | Failure
 
 
+def split_target(target: str) -> tuple[str, str]:
+    """(path, query) of a request target: origin-form (`/models?x`) or the absolute-form
+    a server must also accept (`http://host/models?x`, RFC 9112 §3.2.2)."""
+    if target[:8].lower().startswith(("http://", "https://")):
+        parts = urllib.parse.urlsplit(target)
+        return parts.path or "/", parts.query
+    path, _, query = target.partition("?")
+    return path, query
+
+
 class ServerConnection:
     """One HTTP/1.1 connection, server side, no I/O."""
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
-        self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_head_bytes)
+        self._h11 = self._new_h11()
         self._head: h11.Request | None = None
         self._head_at = 0.0  # when the head was parsed: timings include the upload
         self._seen: h11.Request | None = None  # that head, even one refused: for the log
         self._head_only = False  # answering HEAD: the response's head, never its body
+        self._between = True  # no byte of the next request yet: blank lines are skipped
         self._body: list[bytes] = []
         self._body_size = 0
+
+    def _new_h11(self) -> h11.Connection:
+        return h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_head_bytes)
 
     @property
     def in_head(self) -> bool:
@@ -138,7 +154,16 @@ class ServerConnection:
         return self._head is None
 
     def receive(self, data: bytes) -> None:
-        """Feed bytes from the client; b'' means the client closed its side."""
+        """Feed bytes from the client; b'' means the client closed its side.
+
+        Blank lines before a request line are skipped (RFC 9112 §2.2: a client may send a
+        CRLF after a body), which h11 would refuse.
+        """
+        if data and self._between:
+            data = data.lstrip(b"\r\n")
+            if not data:
+                return
+            self._between = False
         self._h11.receive_data(data)
 
     def request_line(self) -> tuple[str | None, str | None]:
@@ -147,7 +172,7 @@ class ServerConnection:
         if head is None:
             return None, None
         target = head.target.decode("ascii", "replace")
-        return head.method.decode("ascii", "replace"), target.partition("?")[0]
+        return head.method.decode("ascii", "replace"), split_target(target)[0]
 
     def next(self) -> Outcome:
         """Advance as far as the bytes received allow."""
@@ -191,6 +216,9 @@ class ServerConnection:
         size += sum(len(name) + len(value) + 4 for name, value in head.headers)
         if size > self.limits.max_head_bytes:
             return HeadersTooLarge(f"request head over {self.limits.max_head_bytes} bytes")
+        if head.http_version not in (b"1.0", b"1.1"):
+            version = head.http_version.decode("ascii", "replace")
+            return VersionNotSupported(f"HTTP/{version} is not supported; modeld speaks HTTP/1.1")
         names = [name for name, _ in head.headers]
         if b"content-length" in names and b"transfer-encoding" in names:
             return BadRequest("both Content-Length and Transfer-Encoding")
@@ -206,7 +234,7 @@ class ServerConnection:
         head = self._head
         assert head is not None
         target = head.target.decode("ascii", "replace")
-        path, _, query = target.partition("?")
+        path, query = split_target(target)
         request = Request(
             method=head.method.decode("ascii", "replace"),
             target=target,
@@ -274,7 +302,15 @@ class ServerConnection:
     def next_cycle(self) -> bool:
         """Get ready for the next request on this connection; False when it must close."""
         if self._h11.our_state is h11.DONE and self._h11.their_state is h11.DONE:
-            self._h11.start_next_cycle()
+            # A fresh h11 connection, fed what the client has already sent, rather than
+            # start_next_cycle(): so blank lines before a pipelined request are skipped too.
+            pending, closed = self._h11.trailing_data
+            self._h11 = self._new_h11()
             self._head_only = False  # a refusal before the next head must carry its body
+            self._between = True
+            if pending:
+                self.receive(bytes(pending))
+            if closed:
+                self._h11.receive_data(b"")
             return True
         return False

@@ -298,12 +298,34 @@ def test_garbage_gets_a_4xx_and_close(daemon: Daemon, via: str, payload: bytes) 
     responses, closed = exchange(daemon, via, payload)
     assert closed, "the daemon kept a garbage connection open"
     assert responses, "closed without an answer"
-    assert all(400 <= r.status < 500 for r in responses), [(r.status, r.body) for r in responses]
+    # 4xx, or 505 for a request line naming another HTTP version (the HTTP/2 preface)
+    statuses = [r.status for r in responses]
+    assert all(400 <= s < 500 or s == 505 for s in statuses), [
+        (r.status, r.body) for r in responses
+    ]
     last = responses[-1]
     assert last.closes, last
     assert set(last.json()) == {"error"}, last.body
     assert "bytearray" not in last.json()["error"]["message"], last.body  # no Python reprs
     daemon_alive(daemon)
+
+
+@pytest.mark.parametrize("version", [b"HTTP/2.0", b"HTTP/9.9", b"HTTP/0.9"])
+def test_another_http_version_is_505_and_close(daemon: Daemon, via: str, version: bytes) -> None:
+    responses, closed = exchange(daemon, via, b"GET /healthz " + version + b"\r\n" + HOST + b"\r\n")
+    assert closed and [r.status for r in responses] == [505], responses
+    check_error(responses[0], 505, "http_version_not_supported")
+
+
+def test_blank_lines_before_a_request_line_are_skipped(daemon: Daemon, via: str) -> None:
+    get = b"GET /healthz HTTP/1.1\r\n" + HOST + b"\r\n"
+    body = b'{"model": "tiny", "prompt": "hi", "max_tokens": 1, "stream": false}'
+    post = b"POST /infer HTTP/1.1\r\n" + HOST + f"Content-Length: {len(body)}\r\n\r\n".encode()
+    # A leading CRLF, and the CRLF some clients add after a body, before pipelined requests.
+    last = b"GET /healthz HTTP/1.1\r\n" + HOST + b"Connection: close\r\n\r\n"
+    payload = b"\r\n" + get + post + body + b"\r\n" + get + b"\n" + last
+    responses, closed = exchange(daemon, via, payload)
+    assert closed and [r.status for r in responses] == [200, 200, 200, 200], responses
 
 
 def test_a_malformed_request_line_is_quoted_plainly(daemon: Daemon, via: str) -> None:

@@ -20,6 +20,8 @@ from modeld.errors import InvalidRequest
         "::1",
         "LOCALHOST",
         "a.localhost",
+        "localhost.",  # fully qualified
+        "[::ffff:127.0.0.1]:8484",  # IPv4-mapped loopback
     ],
 )
 def test_loopback_hosts(host: str) -> None:
@@ -27,7 +29,18 @@ def test_loopback_hosts(host: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "host", ["", "evil.com", "evil.com:8484", "10.0.0.1", "127.0.0.1.evil.com"]
+    "host",
+    [
+        "",
+        "evil.com",
+        "evil.com:8484",
+        "10.0.0.1",
+        "127.0.0.1.evil.com",
+        "[::1]evil.com",  # junk after the address
+        "127.0.0.1:abc",  # a port that is no number
+        "localhost:80:80",
+        "[::1",
+    ],
 )
 def test_other_hosts_are_refused(host: str) -> None:
     assert not is_loopback_host(host)

@@ -228,3 +228,28 @@ def test_a_bad_request_after_a_head_still_gets_its_error_body() -> None:
     out = conn.error_response(failure.error, close=True)
     body = out.partition(b"\r\n\r\n")[2]
     assert json.loads(body)["error"]["code"] == failure.error.code
+
+
+@pytest.mark.parametrize(
+    ("target", "path", "query"),
+    [
+        (b"/models?x=1", "/models", "x=1"),
+        (b"http://127.0.0.1:8484/healthz", "/healthz", ""),
+        (b"HTTP://localhost/models?a=b", "/models", "a=b"),
+        (b"http://localhost", "/", ""),
+    ],
+)
+def test_origin_and_absolute_form_targets(target: bytes, path: str, query: str) -> None:
+    conn = ServerConnection(SMALL)
+    req = feed(conn, b"GET " + target + b" HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert isinstance(req, Request) and (req.path, req.query) == (path, query)
+
+
+def test_blank_lines_between_pipelined_requests_are_skipped() -> None:
+    conn = ServerConnection(SMALL)
+    head = b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n"
+    assert isinstance(feed(conn, b"\r\n\r\n" + head + b"\r\n" + head), Request)
+    conn.full_response(200, [], b"{}")
+    assert conn.next_cycle()
+    req = conn.next()
+    assert isinstance(req, Request) and req.path == "/healthz"
