@@ -149,6 +149,11 @@ class ServerConnection:
         return h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_head_bytes)
 
     @property
+    def request_begun(self) -> bool:
+        """True once a byte of the next request (not a blank line) has arrived."""
+        return not self._between
+
+    @property
     def in_head(self) -> bool:
         """True until a request's head has been parsed."""
         return self._head is None

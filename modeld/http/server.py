@@ -264,8 +264,9 @@ async def _read_request(
     outcome = conn.next()  # a pipelined request may already be buffered
     if outcome is not NEED_DATA:
         return outcome, began
-    # Between requests a keep-alive connection may idle; after that the head has its deadline.
-    if not first:
+    # Between requests a keep-alive connection may idle; after that the head has its deadline
+    # (at once when part of the next request came with the last one).
+    if not first and not conn.request_begun:
         data: bytes | None = None
         slots.idle += 1
         try:

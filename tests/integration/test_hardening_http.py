@@ -328,6 +328,16 @@ def test_blank_lines_before_a_request_line_are_skipped(daemon: Daemon, via: str)
     assert closed and [r.status for r in responses] == [200, 200, 200, 200], responses
 
 
+def test_a_partial_request_pipelined_behind_a_whole_one_gets_its_408(
+    daemon: Daemon, via: str
+) -> None:
+    """Part of a second request came with the first: it is held to the head deadline and
+    answered 408, not dropped in silence when the keep-alive timeout ends."""
+    get = b"GET /healthz HTTP/1.1\r\n" + HOST + b"\r\n"
+    responses, closed = exchange(daemon, via, get + b"GET /status HTTP/1.1\r\nHo")
+    assert closed and [r.status for r in responses] == [200, 408], responses
+
+
 def test_a_malformed_request_line_is_quoted_plainly(daemon: Daemon, via: str) -> None:
     responses, _ = exchange(daemon, via, b"HELLO\r\n\r\n")
     err = check_error(responses[0], 400, "bad_request")
