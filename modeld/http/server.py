@@ -34,7 +34,6 @@ log = logging.getLogger("modeld.http")
 
 RECEIVE_SIZE = 65536  # bytes per socket read
 REFUSAL_LOG_S = 1.0  # connections refused over --max-connections: at most a log line this often
-STALL_CHECK_S = 1.0  # how often a response's writes are checked for a client that stopped reading
 GONE = (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
 
 
@@ -67,7 +66,6 @@ class Responder:
         self.finished = False
         self.status = 0
         self.client_gone = False
-        self.writing_since: float | None = None  # when a write still under way began
         self._head = b""  # a response head not written yet
 
     async def _write(self, data: bytes) -> None:
@@ -86,15 +84,20 @@ class Responder:
             if sent == len(data):
                 return
             data = data[sent:]
-        # No timer per write (a stream makes thousands): `_guard_stalls` watches this.
-        self.writing_since = time.monotonic()
+        # The socket buffer is full (or a TCP write): a client that reads nothing for the
+        # send timeout is dropped. Only these writes pay for a timer.
         try:
-            await self._stream.send(data)
+            with anyio.fail_after(self._limits.send_timeout_s):
+                await self._stream.send(data)
         except GONE:
             self.client_gone = True
             raise ClientGone("the client went away") from None
-        finally:
-            self.writing_since = None
+        except TimeoutError:
+            log.info(
+                "dropping a client that stopped reading for %.1f s", self._limits.send_timeout_s
+            )
+            self.client_gone = True
+            raise ClientGone("the client stopped reading") from None
 
     async def start(self, status: int, headers: list[tuple[str, str]]) -> None:
         """Decide the status; the head goes out with the first body bytes, in one write."""
@@ -329,23 +332,9 @@ async def _run_handler(
                 conn.receive(data)  # a pipelined request, kept for the next cycle
 
         tg.start_soon(watch)
-        tg.start_soon(_guard_stalls, responder, conn.limits.send_timeout_s, tg.cancel_scope)
         try:
             await handler(request, responder, info)
         except ClientGone:
             pass
         finally:
             tg.cancel_scope.cancel()
-
-
-async def _guard_stalls(responder: Responder, timeout_s: float, scope: anyio.CancelScope) -> None:
-    """Drop a client whose single write has not gone through for `timeout_s`."""
-    interval = min(STALL_CHECK_S, timeout_s / 4)
-    while True:
-        await anyio.sleep(interval)
-        since = responder.writing_since
-        if since is not None and time.monotonic() - since >= timeout_s:
-            log.info("dropping a client that stopped reading for %.1f s", timeout_s)
-            responder.client_gone = True
-            scope.cancel()
-            return
