@@ -65,8 +65,8 @@ def is_loopback_host(host: str) -> bool:
     else:
         name, colon, port = host.partition(":")
         rest = colon + port
-    if rest and not (rest[0] == ":" and rest[1:].isdigit()):
-        return False
+    if rest and not (rest[0] == ":" and (rest[1:] == "" or rest[1:].isdecimal())):
+        return False  # an optional port: ASCII digits or nothing (RFC 3986 allows `host:`)
     name = name.removesuffix(".")  # a fully qualified name may end in a dot
     if name in LOOPBACK_NAMES or name.endswith(".localhost"):
         return True
@@ -104,7 +104,8 @@ class App:
         route: Route | None = None
         outcome: str | None = None  # the error code answered, if any
         try:
-            if info.loopback_only and not is_loopback_host(request.header("host") or ""):
+            host = request.authority if request.authority is not None else request.header("host")
+            if info.loopback_only and not is_loopback_host(host or ""):
                 raise Forbidden("the Host header must name a loopback address on this listener")
             route = self._route(request)
             await route(request, res)

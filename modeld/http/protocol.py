@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import re
 import time
-import urllib.parse
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
@@ -56,6 +55,7 @@ class Request:
     headers: tuple[tuple[str, str], ...]
     body: bytes
     received_at: float = field(default_factory=time.monotonic)  # head parsed; for timings
+    authority: str | None = None  # host[:port] of an absolute-form target, which wins over Host
 
     def header(self, name: str) -> str | None:
         name = name.lower()
@@ -121,14 +121,19 @@ CLOSED = Closed()
 Outcome = Request | NeedData | Closed | Failure
 
 
-def split_target(target: str) -> tuple[str, str]:
-    """(path, query) of a request target: origin-form (`/models?x`) or the absolute-form
-    a server must also accept (`http://host/models?x`, RFC 9112 §3.2.2)."""
+def split_target(target: str) -> tuple[str, str, str | None]:
+    """(path, query, authority) of a request target: origin-form (`/models?x`, authority
+    None) or the absolute-form a server must also accept (`http://host/models?x`, RFC
+    9112 §3.2.2), cut by hand: no URL parser gets to raise on a malformed authority."""
+    authority = None
     if target[:8].lower().startswith(("http://", "https://")):
-        parts = urllib.parse.urlsplit(target)
-        return parts.path or "/", parts.query
+        rest = target.partition("//")[2]
+        cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+        authority, target = rest[:cut], rest[cut:]
+        if not target.startswith("/"):
+            target = "/" + target
     path, _, query = target.partition("?")
-    return path, query
+    return path, query, authority
 
 
 class ServerConnection:
@@ -221,7 +226,7 @@ class ServerConnection:
         size += sum(len(name) + len(value) + 4 for name, value in head.headers)
         if size > self.limits.max_head_bytes:
             return HeadersTooLarge(f"request head over {self.limits.max_head_bytes} bytes")
-        if head.http_version not in (b"1.0", b"1.1"):
+        if not head.http_version.startswith(b"1."):  # a later 1.x is served as 1.1 (RFC 9112)
             version = head.http_version.decode("ascii", "replace")
             return VersionNotSupported(f"HTTP/{version} is not supported; modeld speaks HTTP/1.1")
         names = [name for name, _ in head.headers]
@@ -239,7 +244,7 @@ class ServerConnection:
         head = self._head
         assert head is not None
         target = head.target.decode("ascii", "replace")
-        path, query = split_target(target)
+        path, query, authority = split_target(target)
         request = Request(
             method=head.method.decode("ascii", "replace"),
             target=target,
@@ -248,6 +253,7 @@ class ServerConnection:
             headers=tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in head.headers),
             body=b"".join(self._body),
             received_at=self._head_at,
+            authority=authority,
         )
         self._head, self._body, self._body_size = None, [], 0
         self._seen = None

@@ -89,15 +89,15 @@ class Responder:
         try:
             with anyio.fail_after(self._limits.send_timeout_s):
                 await self._stream.send(data)
-        except GONE:
-            self.client_gone = True
-            raise ClientGone("the client went away") from None
-        except TimeoutError:
+        except TimeoutError:  # first: it is an OSError too, which GONE holds
             log.info(
                 "dropping a client that stopped reading for %.1f s", self._limits.send_timeout_s
             )
             self.client_gone = True
             raise ClientGone("the client stopped reading") from None
+        except GONE:
+            self.client_gone = True
+            raise ClientGone("the client went away") from None
 
     async def start(self, status: int, headers: list[tuple[str, str]]) -> None:
         """Decide the status; the head goes out with the first body bytes, in one write."""
@@ -274,13 +274,16 @@ async def _read_request(
         slots.idle += 1
         try:
             with anyio.move_on_after(limits.keepalive_timeout_s):
-                data = await _receive(stream)
+                while not conn.request_begun:  # blank lines keep it idle
+                    data = await _receive(stream)
+                    conn.receive(data)
+                    if not data:
+                        break
         finally:
             slots.idle -= 1
-        if data is None:
+        if data is None or (data and not conn.request_begun):  # idle until the deadline
             return None, began
         began = time.monotonic()
-        conn.receive(data)
         outcome = conn.next()
         if outcome is not NEED_DATA:
             return outcome, began

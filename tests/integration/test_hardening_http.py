@@ -310,7 +310,7 @@ def test_garbage_gets_a_4xx_and_close(daemon: Daemon, via: str, payload: bytes) 
     daemon_alive(daemon)
 
 
-@pytest.mark.parametrize("version", [b"HTTP/2.0", b"HTTP/9.9", b"HTTP/0.9"])
+@pytest.mark.parametrize("version", [b"HTTP/2.0", b"HTTP/9.9", b"HTTP/0.9", b"HTTP/3.1"])
 def test_another_http_version_is_505_and_close(daemon: Daemon, via: str, version: bytes) -> None:
     responses, closed = exchange(daemon, via, b"GET /healthz " + version + b"\r\n" + HOST + b"\r\n")
     assert closed and [r.status for r in responses] == [505], responses
@@ -464,6 +464,7 @@ def test_a_slow_reader_is_dropped_and_its_generation_cancelled(daemon: Daemon) -
     gone = [e for e in log_events(daemon, "request") if e.get("outcome") == "client_gone"]
     assert gone, log_tail(daemon)
     assert gone[-1]["tokens"] < max_tokens, gone[-1]  # the generation was stopped
+    assert "dropping a client that stopped reading" in daemon.log(), log_tail(daemon)
     stream_to_end(client, {"model": "tiny", "prompt": "hi", "max_tokens": 8})
 
 
@@ -767,3 +768,29 @@ def test_an_open_files_limit_under_the_cap_gives_503s_and_every_listener_lives_o
                 return get_with_host(daemon, via, "localhost").status == 200
 
             assert wait_for(serves, f"{via} to serve again")
+
+
+def test_an_absolute_form_target_is_checked_by_its_own_authority(daemon: Daemon) -> None:
+    """Its authority, not the Host header, names the server (RFC 9112 §3.2.2)."""
+    port = daemon.port
+    ok = f"GET http://127.0.0.1:{port}/healthz HTTP/1.1\r\nHost: evil.example\r\n\r\n"
+    evil = f"GET http://evil.example/healthz HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n"
+    broken = "GET http://[::1/healthz HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    statuses = []
+    for raw in (ok, evil, broken):
+        responses, _ = exchange(daemon, "tcp", raw.encode())
+        statuses.append([r.status for r in responses])
+    assert statuses == [[200], [403], [403]], statuses
+    assert "Traceback" not in daemon.log() and "error serving" not in daemon.log()
+
+
+def test_a_blank_line_on_an_idle_connection_keeps_it_idle(daemon: Daemon, via: str) -> None:
+    """A CRLF between requests is no request: the connection closes quietly when the
+    keep-alive timeout ends, with no 408 for a request that never began."""
+    with open_socket(daemon, via) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\n" + HOST + b"\r\n")
+        first = sock.recv(4096)
+        assert first.startswith(b"HTTP/1.1 200 "), first
+        sock.sendall(b"\r\n")
+        raw, closed = read_to_close(sock)
+    assert closed and raw == b"", raw

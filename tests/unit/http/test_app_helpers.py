@@ -21,6 +21,7 @@ from modeld.errors import InvalidRequest
         "LOCALHOST",
         "a.localhost",
         "localhost.",  # fully qualified
+        "localhost:",  # an empty port (RFC 3986 allows it)
         "[::ffff:127.0.0.1]:8484",  # IPv4-mapped loopback
     ],
 )
@@ -38,6 +39,7 @@ def test_loopback_hosts(host: str) -> None:
         "127.0.0.1.evil.com",
         "[::1]evil.com",  # junk after the address
         "127.0.0.1:abc",  # a port that is no number
+        "127.0.0.1:\u00b2",  # a superscript two is a digit to str.isdigit(), not a port
         "localhost:80:80",
         "[::1",
     ],

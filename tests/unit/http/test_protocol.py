@@ -237,12 +237,22 @@ def test_a_bad_request_after_a_head_still_gets_its_error_body() -> None:
         (b"http://127.0.0.1:8484/healthz", "/healthz", ""),
         (b"HTTP://localhost/models?a=b", "/models", "a=b"),
         (b"http://localhost", "/", ""),
+        (b"http://localhost?x", "/", "x"),
+        (b"/a?b?c", "/a", "b?c"),
+        (b"http://[::1/healthz", "/healthz", ""),  # a broken authority: no parser raises
+        (b"http://]x/", "/", ""),
     ],
 )
 def test_origin_and_absolute_form_targets(target: bytes, path: str, query: str) -> None:
     conn = ServerConnection(SMALL)
     req = feed(conn, b"GET " + target + b" HTTP/1.1\r\nHost: a\r\n\r\n")
     assert isinstance(req, Request) and (req.path, req.query) == (path, query)
+    assert req.authority is None if target.startswith(b"/") else req.authority is not None
+
+
+def test_a_later_http_1_minor_version_is_served_as_1_1() -> None:
+    req = feed(ServerConnection(SMALL), b"GET /healthz HTTP/1.9\r\nHost: a\r\n\r\n")
+    assert isinstance(req, Request)
 
 
 def test_blank_lines_between_pipelined_requests_are_skipped() -> None:
