@@ -25,7 +25,7 @@ from bench.clients import (
     llama_server_stream,
     modeld_stream,
 )
-from bench.systems import LcpServer, LlamaServer, Modeld, rss_mb
+from bench.systems import LcpServer, LlamaServer, Modeld
 from bench.workload import (
     INPROC_HIGH,
     INPROC_LOW,
@@ -40,6 +40,7 @@ from bench.workload import (
     WARM_PROMPT,
     prompt_for,
 )
+from modeld.worker.memory import rss_mb
 
 TTFT_REQUESTS = 30  # back-to-back tiny requests per system for the TTFT overhead figure
 SWITCH_TOKENS = 16  # switching requests are short, so a reload would show

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from bench.wire import Endpoint, WireError, get_json
+from modeld.worker.memory import rss_mb
 
 START_TIMEOUT_S = 120.0  # a server loading SmolLM2 on a busy 2-core machine takes seconds
 STOP_TIMEOUT_S = 10.0  # SIGTERM grace before SIGKILL
@@ -34,18 +35,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def rss_mb(pid: int) -> float:
-    """Resident set size of a process in MiB (0.0 if it is gone)."""
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"VmRSS:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return 0.0
 
 
 def children(pid: int) -> list[int]:

@@ -6,12 +6,12 @@ the worker writes into events: control messages (hello, loaded, load_failed) go 
 queue, generation events to the stream of the request they belong to. Token messages
 that arrive together are merged into one batch, so a fast model costs one HTTP write per
 read, not one per token. When the worker exits, every open stream ends with an error
-and the manager is told, so the daemon never waits on a dead process.
+and the manager is told, so the daemon never waits on a dead process. A model loaded in
+a worker, and its generations, are `modeld.worker.model`.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
@@ -19,8 +19,6 @@ import signal
 import subprocess
 import sys
 from collections import deque
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,8 +39,6 @@ from modeld.manager.backend import (
     Failed,
     Finished,
     GenEvent,
-    GenParams,
-    LoadedInfo,
     Started,
     Tokens,
 )
@@ -53,7 +49,7 @@ log = logging.getLogger(__name__)
 
 READ_CHUNK = 1 << 16  # bytes per read from a worker: many token messages at once
 SPAWN_TIMEOUT_S = 60.0  # interpreter start + `import llama_cpp`; generous for a busy machine
-CANCEL_GRACE_S = 5.0  # a cancelled generation must end within this, or the worker is killed
+
 CLOSE_GRACE_S = 3.0  # time a worker gets to exit after `shutdown` before SIGKILL
 GEN_BUFFER = 64  # event batches buffered per stream; a slow client back-pressures the worker
 STDERR_TAIL = 40  # lines of worker stderr kept for the log when it dies
@@ -162,6 +158,15 @@ class WorkerProcess:
             assert self.proc.stdin is not None
             await self.proc.stdin.send(data)
 
+    async def send_quietly(self, message: dict[str, Any]) -> bool:
+        """`send`, but False instead of an error when the worker has gone (its reader
+        then ends every stream with the worker's exit reason)."""
+        try:
+            await self.send(message)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            return False
+        return True
+
     async def control(self) -> dict[str, Any] | None:
         """Next control message, or None once the worker has gone."""
         try:
@@ -232,10 +237,7 @@ class WorkerProcess:
             self.close_stream(rid)
         with anyio.CancelScope(shield=True):
             if self.alive:
-                try:
-                    await self.send({"op": "shutdown"})
-                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                    pass
+                await self.send_quietly({"op": "shutdown"})
                 with anyio.move_on_after(CLOSE_GRACE_S):
                     await self.exited.wait()
             await self.kill()
@@ -353,83 +355,3 @@ class WorkerProcess:
             log.warning("worker %d ended: %s; last stderr: %s", self.pid, self.exit_reason, tail)
             if self.on_exit is not None:
                 self.on_exit(self.exit_reason)
-
-
-class WorkerGeneration:
-    """Events of one generation on a worker."""
-
-    def __init__(self, channel: Channel[GenEvent]) -> None:
-        self._channel = channel
-        self.ended = False
-
-    async def next(self) -> GenEvent:
-        try:
-            event = await self._channel.get()
-        except anyio.EndOfStream:
-            event = Failed(WorkerCrashed("worker ended the stream without finishing"))
-        if isinstance(event, Finished | Failed):
-            self.ended = True
-        return event
-
-
-class WorkerModel:
-    """A model loaded in a worker: the LoadedModel the manager sees."""
-
-    def __init__(self, worker: WorkerProcess, info: LoadedInfo) -> None:
-        self.worker = worker
-        self.info = info
-        self._ids = itertools.count(1)
-
-    @asynccontextmanager
-    async def generate(self, params: GenParams) -> AsyncIterator[WorkerGeneration]:
-        rid = next(self._ids)
-        gen = WorkerGeneration(self.worker.open_stream(rid))
-        try:
-            await self._send_generate(rid, params)
-            yield gen
-        finally:
-            if not gen.ended:
-                await self._cancel(rid, gen)
-            self.worker.close_stream(rid)
-
-    async def _send_generate(self, rid: int, params: GenParams) -> None:
-        try:
-            await self.worker.send(
-                {
-                    "op": "generate",
-                    "id": rid,
-                    "prompt": params.prompt,
-                    "max_tokens": params.max_tokens,
-                    "temperature": params.temperature,
-                    "top_p": params.top_p,
-                    "top_k": params.top_k,
-                    "seed": params.seed,
-                    "stop": list(params.stop),
-                    **({} if params.messages is None else {"messages": list(params.messages)}),
-                }
-            )
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            pass  # the reader will end the stream with the worker's exit reason
-
-    async def _cancel(self, rid: int, gen: WorkerGeneration) -> None:
-        """Stop a generation nobody reads any more; the worker must confirm it."""
-        with anyio.CancelScope(shield=True):
-            with anyio.move_on_after(CANCEL_GRACE_S):
-                try:
-                    await self.worker.send({"op": "cancel", "id": rid})
-                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                    return
-                while not gen.ended:
-                    await gen.next()
-                return
-            log.warning("worker %d ignored a cancel; killing it", self.worker.pid)
-            await self.worker.kill()
-
-    async def set_threads(self, n: int) -> None:
-        try:
-            await self.worker.send({"op": "threads", "n": n})
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            pass  # a worker that has gone: its reader reports that
-
-    async def close(self, error: ModeldError) -> None:
-        await self.worker.close(error)

@@ -13,10 +13,11 @@ CTX_BUFFER_RE = re.compile(rb"\b(?:KV|compute|output|RS) buffer size =\s*([0-9.]
 CPU_RUNTIME_MB = 16.0
 
 
-def rss_mb() -> float:
-    """Resident set size of this process in MiB, from /proc (0.0 where there is none)."""
+def rss_mb(pid: int | str = "self") -> float:
+    """Resident set size of a process (this one by default) in MiB, from /proc (0.0 where
+    there is none, or the process is gone)."""
     try:
-        with open("/proc/self/status", "rb") as f:
+        with open(f"/proc/{pid}/status", "rb") as f:
             for line in f:
                 if line.startswith(b"VmRSS:"):
                     return int(line.split()[1]) / 1024.0

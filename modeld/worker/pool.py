@@ -11,7 +11,8 @@ import anyio.abc
 from modeld.errors import ModeldError, ModelLoadFailed
 from modeld.manager.backend import ExitCallback, LoadedInfo
 from modeld.vram import process_vram_mb
-from modeld.worker.client import WorkerModel, WorkerProcess, WorkerSettings
+from modeld.worker.client import WorkerProcess, WorkerSettings
+from modeld.worker.model import WorkerModel
 
 log = logging.getLogger(__name__)
 

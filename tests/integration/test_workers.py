@@ -16,6 +16,7 @@ import gguf
 import pytest
 
 from modeld.devtools import bad_gguf
+from modeld.worker.memory import rss_mb
 from tests.conftest import ModelStore, link
 from tests.helpers.daemon import Daemon
 from tests.integration.conftest import (
@@ -151,11 +152,6 @@ def test_a_file_that_aborts_llama_cpp_kills_only_its_worker(daemon: Daemon, bad:
     stream_to_end(client, {"model": "tiny2", "prompt": "hi", **SHORT})
 
 
-def _rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
-
-
 def test_the_accounted_memory_covers_a_long_prompt(daemon: Daemon) -> None:
     """On the CPU the figure the budget counts is not the RSS right after the warm-up:
     a long prompt touches the KV cache and compute buffer, and the figure covers them."""
@@ -163,9 +159,9 @@ def test_the_accounted_memory_covers_a_long_prompt(daemon: Daemon) -> None:
     stream_to_end(client, {"model": "tiny", "prompt": "hi", **SHORT})
     pid = worker_for(daemon, daemon.models_dir / "tiny.gguf")
     accounted = instance(daemon, "tiny.gguf")["vram_mb"]
-    before = _rss_mb(pid)
+    before = rss_mb(pid)
     stream_to_end(client, {"model": "tiny", "prompt": "the cat sat on the mat " * 150, **SHORT})
-    after = _rss_mb(pid)
+    after = rss_mb(pid)
     print(f"RSS {before:.0f} -> {after:.0f} MiB after a long prompt; accounted {accounted} MiB")
     assert after > before  # the prompt really touched more memory ...
     assert accounted >= after  # ... and the budget already counted it

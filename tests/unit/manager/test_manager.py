@@ -9,10 +9,12 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import anyio.abc
 import pytest
 import trio.testing
 
 from modeld.errors import (
+    Busy,
     InsufficientVram,
     ModelLoadFailed,
     Overloaded,
@@ -415,6 +417,26 @@ async def test_a_file_changed_during_a_failed_load_is_used_next_time() -> None:
         assert backend.loads == ["a", "a"] and backend.closed == []
 
 
+async def refused_behind(
+    m: Manager,
+    tg: anyio.abc.TaskGroup,
+    *,
+    average: int,
+    running: int,
+    after_s: float,
+    expect: type[Busy],
+    model_id: str = "a",
+) -> Busy:
+    """One request of `average` tokens (10 ms each) sets the average; one of `running`
+    tokens then runs; `after_s` into it, a request for model_id is refused with `expect`."""
+    await generate(m, "a", tokens=average)
+    tg.start_soon(generate, m, "a", running)
+    await anyio.sleep(after_s)
+    with pytest.raises(expect) as err:
+        await generate(m, model_id)
+    return err.value
+
+
 async def _expect_failure(m: Manager, model_id: str) -> None:
     with pytest.raises(ModelLoadFailed):
         await generate(m, model_id)
@@ -423,13 +445,12 @@ async def _expect_failure(m: Manager, model_id: str) -> None:
 async def test_a_queue_timeout_hint_counts_only_the_requests_ahead() -> None:
     backend = FakeBackend()  # a token every 10 ms
     async with running(backend, max_wait_ms=200) as m, anyio.create_task_group() as tg:
-        await generate(m, "a", tokens=100)  # the average generation: 1,000 ms
-        tg.start_soon(generate, m, "a", 100)
-        await anyio.sleep(0.1)
-        with pytest.raises(QueueTimeout) as err:
-            await generate(m, "a")  # first in line: only the running one is ahead of it
+        # Average 1,000 ms; first in line: only the running one is ahead of it.
+        error = await refused_behind(
+            m, tg, average=100, running=100, after_s=0.1, expect=QueueTimeout
+        )
         # 100 ms in when it queued, 200 ms of waiting: ~700 ms left of the running one
-        assert 650 <= err.value.retry_after_ms <= 750, err.value.retry_after_ms
+        assert 650 <= error.retry_after_ms <= 750, error.retry_after_ms
 
 
 async def test_a_cold_model_runs_one_and_queues_the_full_depth() -> None:
@@ -450,23 +471,18 @@ async def test_a_cold_model_runs_one_and_queues_the_full_depth() -> None:
 async def test_a_hint_behind_a_request_past_the_average_grows_with_its_age() -> None:
     backend = FakeBackend()  # a token every 10 ms
     async with running(backend, max_queue_depth=0) as m, anyio.create_task_group() as tg:
-        await generate(m, "a", tokens=10)  # the average generation: 100 ms
-        tg.start_soon(generate, m, "a", 1000)
-        await anyio.sleep(4.0)  # far past the average: a long one
-        with pytest.raises(QueueFull) as err:
-            await generate(m, "a")
-        assert err.value.retry_after_ms >= 1_900, err.value.retry_after_ms  # half its age
+        # Average 100 ms; 4 s in, far past the average: a long one.
+        error = await refused_behind(m, tg, average=10, running=1000, after_s=4.0, expect=QueueFull)
+        assert error.retry_after_ms >= 1_900, error.retry_after_ms  # half its age
 
 
 async def test_the_overloaded_hint_is_when_the_first_running_request_ends() -> None:
     backend = FakeBackend()  # a token every 10 ms
     async with running(backend, max_inflight=1) as m, anyio.create_task_group() as tg:
-        await generate(m, "a", tokens=100)  # the average generation: 1,000 ms
-        tg.start_soon(generate, m, "a", 100)
-        await anyio.sleep(0.7)
-        with pytest.raises(Overloaded) as err:
-            await generate(m, "b")
-        assert 250 <= err.value.retry_after_ms <= 350, err.value.retry_after_ms
+        error = await refused_behind(  # average 1,000 ms
+            m, tg, average=100, running=100, after_s=0.7, expect=Overloaded, model_id="b"
+        )
+        assert 250 <= error.retry_after_ms <= 350, error.retry_after_ms
 
 
 async def test_a_request_that_gives_up_on_a_model_never_loaded_leaves_no_instance() -> None:

@@ -97,15 +97,25 @@ def test_status_view_without_instances() -> None:
     assert "no instances loaded" in text
 
 
-def test_outcome_line() -> None:
-    outcome = Outcome.from_json(
+def done_outcome(tokens: int, load_ms: float, ttft_ms: float, total_ms: float) -> Outcome:
+    """The outcome of a request to m.gguf that stopped after `tokens` tokens."""
+    return Outcome.from_json(
         {
             "model": "m.gguf",
             "finish_reason": "stop",
-            "usage": {"prompt_tokens": 3, "completion_tokens": 11},
-            "timings": {"queue_ms": 0.0, "load_ms": 1500.0, "ttft_ms": 1600.0, "total_ms": 2100.0},
+            "usage": {"prompt_tokens": 3, "completion_tokens": tokens},
+            "timings": {
+                "queue_ms": 0.0,
+                "load_ms": load_ms,
+                "ttft_ms": ttft_ms,
+                "total_ms": total_ms,
+            },
         }
     )
+
+
+def test_outcome_line() -> None:
+    outcome = done_outcome(11, load_ms=1500.0, ttft_ms=1600.0, total_ms=2100.0)
     assert outcome.tokens_per_second() == pytest.approx(20.0)
     assert outcome_line(outcome).plain == (
         "11 tokens · 20.0 tokens/s · first token 1.6 s · load 1.5 s · m.gguf"
@@ -134,14 +144,7 @@ def test_fewer_than_two_tokens_have_no_rate(
 
 
 def test_outcome_line_without_tokens() -> None:
-    outcome = Outcome.from_json(
-        {
-            "model": "m.gguf",
-            "finish_reason": "stop",
-            "usage": {"prompt_tokens": 3, "completion_tokens": 0},
-            "timings": {"queue_ms": 0.0, "load_ms": 0.0, "ttft_ms": 35.0, "total_ms": 35.0},
-        }
-    )
+    outcome = done_outcome(0, load_ms=0.0, ttft_ms=35.0, total_ms=35.0)
     assert outcome_line(outcome).plain == "no tokens · done in 35 ms · m.gguf"
 
 

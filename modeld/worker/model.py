@@ -1,0 +1,96 @@
+"""A model loaded in a worker process: the `LoadedModel` the manager sees.
+
+Each generation gets an id and a channel of the worker's events (`WorkerProcess` routes
+them); leaving `generate` before the end cancels it, and the worker must confirm, or it
+is killed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+
+from modeld.errors import ModeldError, WorkerCrashed
+from modeld.manager.backend import Failed, Finished, GenEvent, GenParams, LoadedInfo
+from modeld.worker.channel import Channel
+from modeld.worker.client import WorkerProcess
+
+log = logging.getLogger(__name__)
+
+CANCEL_GRACE_S = 5.0  # a cancelled generation must end within this, or the worker is killed
+
+
+class WorkerGeneration:
+    """Events of one generation on a worker."""
+
+    def __init__(self, channel: Channel[GenEvent]) -> None:
+        self._channel = channel
+        self.ended = False
+
+    async def next(self) -> GenEvent:
+        try:
+            event = await self._channel.get()
+        except anyio.EndOfStream:
+            event = Failed(WorkerCrashed("worker ended the stream without finishing"))
+        if isinstance(event, Finished | Failed):
+            self.ended = True
+        return event
+
+
+class WorkerModel:
+    """A model loaded in a worker: the LoadedModel the manager sees."""
+
+    def __init__(self, worker: WorkerProcess, info: LoadedInfo) -> None:
+        self.worker = worker
+        self.info = info
+        self._ids = itertools.count(1)
+
+    @asynccontextmanager
+    async def generate(self, params: GenParams) -> AsyncIterator[WorkerGeneration]:
+        rid = next(self._ids)
+        gen = WorkerGeneration(self.worker.open_stream(rid))
+        try:
+            await self._send_generate(rid, params)
+            yield gen
+        finally:
+            if not gen.ended:
+                await self._cancel(rid, gen)
+            self.worker.close_stream(rid)
+
+    async def _send_generate(self, rid: int, params: GenParams) -> None:
+        await self.worker.send_quietly(
+            {
+                "op": "generate",
+                "id": rid,
+                "prompt": params.prompt,
+                "max_tokens": params.max_tokens,
+                "temperature": params.temperature,
+                "top_p": params.top_p,
+                "top_k": params.top_k,
+                "seed": params.seed,
+                "stop": list(params.stop),
+                **({} if params.messages is None else {"messages": list(params.messages)}),
+            }
+        )
+
+    async def _cancel(self, rid: int, gen: WorkerGeneration) -> None:
+        """Stop a generation nobody reads any more; the worker must confirm it."""
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(CANCEL_GRACE_S):
+                if not await self.worker.send_quietly({"op": "cancel", "id": rid}):
+                    return
+                while not gen.ended:
+                    await gen.next()
+                return
+            log.warning("worker %d ignored a cancel; killing it", self.worker.pid)
+            await self.worker.kill()
+
+    async def set_threads(self, n: int) -> None:
+        await self.worker.send_quietly({"op": "threads", "n": n})
+
+    async def close(self, error: ModeldError) -> None:
+        await self.worker.close(error)
