@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import anyio
 
@@ -30,6 +30,7 @@ from modeld.manager.backend import (
     Finished,
     Generation,
     GenParams,
+    Handoff,
     LoadedInfo,
     Started,
     Tokens,
@@ -41,9 +42,9 @@ log = logging.getLogger("modeld.request")
 
 NDJSON = "application/x-ndjson"
 SSE = "text/event-stream"
-# The hot path: one of these per token, with the text JSON-encoded in C.
-NDJSON_TOKEN = '{"type":"token","text":%s}\n'
-SSE_TOKEN = 'event: token\ndata: {"type":"token","text":%s}\n\n'
+# The hot path: one of these per token, with the text JSON-encoded in C between them.
+NDJSON_TOKEN = ('{"type":"token","text":', "}\n")
+SSE_TOKEN = ('event: token\ndata: {"type":"token","text":', "}\n\n")
 encode_string = json.encoder.encode_basestring  # what json.dumps(ensure_ascii=False) uses
 AVAILABLE_SHOWN = 10  # model ids a 404 lists; a big models dir is summed up, not dumped
 
@@ -122,6 +123,7 @@ class Outcome:
         self.first_token_at: float | None = None  # monotonic, when tokens reached the daemon
         self.last_token_at: float | None = None
         self.tokens = 0
+        self.handoff: bool | None = None  # whether the worker wrote the text to the client
 
     def tokens_arrived(self, count: int) -> None:
         now = time.monotonic()
@@ -130,6 +132,17 @@ class Outcome:
             self.ttft_ms = _ms(now - self.request.received_at)
         self.last_token_at = now
         self.tokens += count
+
+    def finished(self, event: Finished) -> None:
+        """The worker's figures of a generation that ended. A handed-off one's text went
+        straight to the client, so when its tokens came is the worker's to say."""
+        self.tokens = event.completion_tokens
+        if event.finish_reason != "cancelled":
+            self.decode_ms = round(event.decode_ms, 2)
+        if self.first_token_at is None and event.first_at is not None:
+            self.first_token_at = event.first_at
+            self.last_token_at = event.first_at + event.decode_ms / 1000
+            self.ttft_ms = _ms(event.first_at - self.request.received_at)
 
     def decode_time_ms(self) -> float | None:
         """First to last token: the worker's figure for a finished generation, else (cut
@@ -175,6 +188,7 @@ class Outcome:
                     "tokens": self.tokens,
                     "total_ms": total_ms,
                     "decode_ms": self.decode_time_ms(),
+                    "handoff": self.handoff,
                     "outcome": self.how,
                 }
             },
@@ -214,11 +228,25 @@ async def track_request(
 class GenerationSink(Protocol):
     """Where one generation's events go once the worker has accepted the prompt."""
 
+    @property
+    def wants_handoff(self) -> bool:
+        """Whether the worker should write the text straight to the client (`handoff`)."""
+        ...
+
     async def started(self, event: Started) -> None:
         """The status line can go out now."""
         ...
 
+    async def handoff(self) -> Handoff | None:
+        """After `started`, when `wants_handoff`: the head written, where and how the
+        worker writes text; None when it cannot (the text then comes to `tokens`)."""
+        ...
+
     async def tokens(self, texts: tuple[str, ...]) -> None: ...
+
+    def lost(self, reason: str) -> NoReturn:
+        """The worker could not write to the client (`Finished.lost`): raise ClientGone."""
+        ...
 
     async def finished(self, event: Finished) -> None: ...
 
@@ -251,8 +279,13 @@ async def run_generation(
             outcome.queue_ms, outcome.load_ms = round(lease.queue_ms, 2), round(lease.load_ms, 2)
             if not isinstance(params, GenParams):
                 params = await params(lease.model.info)
-            async with lease.generate(params) as gen:
-                await _relay(gen, sink, outcome, prompt_field)
+            gen: Generation | None = None
+            try:
+                async with lease.generate(params, handoff=sink.wants_handoff) as gen:
+                    await _relay(gen, sink, outcome, prompt_field)
+            finally:  # cancelled (the client left): what the worker made still counts
+                if gen is not None and isinstance(gen.ending, Finished) and not outcome.tokens:
+                    outcome.finished(gen.ending)
     finally:
         if not granted:  # refused, timed out or gone while queued: how long it waited
             outcome.queue_ms = round((time.monotonic() - waiting_since) * 1000, 2)
@@ -267,16 +300,21 @@ async def _relay(
         raise _naming(first.error, prompt_field)
     assert isinstance(first, Started)
     await sink.started(first)
+    outcome.handoff = False
+    if sink.wants_handoff:
+        target = await sink.handoff()
+        outcome.handoff = target is not None
+        await gen.hand_off(target)
     while True:
         event = await gen.next()
         if isinstance(event, Tokens):
             outcome.tokens_arrived(len(event.texts))
             await sink.tokens(event.texts)
         elif isinstance(event, Finished):
-            outcome.tokens = event.completion_tokens
-            if event.finish_reason != "cancelled":
-                outcome.decode_ms = round(event.decode_ms, 2)
+            outcome.finished(event)
             outcome.how = event.finish_reason
+            if event.lost is not None:
+                sink.lost(event.lost)
             await sink.finished(event)
             return
         else:
@@ -293,12 +331,22 @@ def _naming(error: ModeldError, prompt_field: str) -> ModeldError:
     return error
 
 
+async def hand_off(res: Responder, prefix: str, suffix: str, *, join: bool) -> Handoff | None:
+    """The head written, the `Handoff` for a worker to write text events to `res`'s socket."""
+    got = await res.hand_off()
+    if got is None:
+        return None
+    fd, chunked = got
+    return Handoff(fd, prefix, suffix, join, chunked, res.send_timeout_s)
+
+
 class Framer:
     """Turns events into ndjson lines or SSE messages."""
 
     def __init__(self, sse: bool) -> None:
         self.sse = sse
         self.content_type = SSE if sse else NDJSON
+        self.token_frame = SSE_TOKEN if sse else NDJSON_TOKEN  # (prefix, suffix) of a text
 
     def event(self, obj: dict[str, Any]) -> bytes:
         data = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
@@ -308,8 +356,8 @@ class Framer:
 
     def tokens(self, texts: tuple[str, ...]) -> bytes:
         """Token events, byte for byte what `event()` would make, at a fraction of the cost."""
-        template = SSE_TOKEN if self.sse else NDJSON_TOKEN
-        return "".join([template % encode_string(t) for t in texts]).encode()
+        prefix, suffix = self.token_frame
+        return "".join([prefix + encode_string(t) + suffix for t in texts]).encode()
 
 
 class InferSink:
@@ -325,11 +373,21 @@ class InferSink:
         self.outcome = outcome
         self.texts: list[str] = []
 
+    @property
+    def wants_handoff(self) -> bool:
+        return self.stream and self.res.can_hand_off
+
     async def started(self, event: Started) -> None:
         if self.stream:
             await self.res.start(
                 200, [("Content-Type", self.framer.content_type), ("Cache-Control", "no-cache")]
             )
+
+    async def handoff(self) -> Handoff | None:
+        return await hand_off(self.res, *self.framer.token_frame, join=False)
+
+    def lost(self, reason: str) -> NoReturn:
+        self.res.lost(reason)
 
     async def tokens(self, texts: tuple[str, ...]) -> None:
         if self.stream:

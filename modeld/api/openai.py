@@ -21,16 +21,24 @@ import time
 import urllib.parse
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from modeld.api.app import App, AppState
-from modeld.api.infer import SSE, Outcome, resolve_model, run_generation, track_request
+from modeld.api.infer import (
+    SSE,
+    Outcome,
+    encode_string,
+    hand_off,
+    resolve_model,
+    run_generation,
+    track_request,
+)
 from modeld.api.openai_request import OpenAIRequest, parse_chat, parse_completion
 from modeld.chat_template import ChatTemplateError, template_stops
 from modeld.errors import ModeldError, ModelNotFound
 from modeld.http.protocol import Request
 from modeld.http.server import Responder
-from modeld.manager.backend import Finished, GenParams, LoadedInfo, Started
+from modeld.manager.backend import Finished, GenParams, Handoff, LoadedInfo, Started
 from modeld.registry import ModelSpec
 
 log = logging.getLogger("modeld.api")
@@ -98,6 +106,12 @@ class Envelope:
             obj["usage"] = None
         return sse(obj)
 
+    def text_frame(self) -> tuple[str, str]:
+        """(prefix, suffix) with `prefix + JSON string of text + suffix == chunk(text)`."""
+        marker = "\x00" + uuid.uuid4().hex  # cannot occur in the rest of the chunk
+        prefix, _, suffix = self.chunk(marker).decode().partition(encode_string(marker))
+        return prefix, suffix
+
     def usage_chunk(self, event: Finished) -> bytes:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
         return sse({**self._object(kind, []), "usage": usage(event)})
@@ -123,12 +137,22 @@ class OpenAISink:
         self.stream = stream
         self.texts: list[str] = []
 
+    @property
+    def wants_handoff(self) -> bool:
+        return self.stream and self.res.can_hand_off
+
     async def started(self, event: Started) -> None:
         if not self.stream:
             return
         await self.res.start(200, [("Content-Type", SSE), ("Cache-Control", "no-cache")])
         if self.envelope.chat:
             await self.res.send(self.envelope.chunk("", role=True))
+
+    async def handoff(self) -> Handoff | None:
+        return await hand_off(self.res, *self.envelope.text_frame(), join=True)
+
+    def lost(self, reason: str) -> NoReturn:
+        self.res.lost(reason)
 
     async def tokens(self, texts: tuple[str, ...]) -> None:
         if self.stream:

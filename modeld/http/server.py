@@ -15,7 +15,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
 import anyio.abc
@@ -79,8 +79,7 @@ class Responder:
             except BlockingIOError:
                 sent = 0
             except OSError:
-                self.client_gone = True
-                raise ClientGone("the client went away") from None
+                self.lost("gone")
             if sent == len(data):
                 return
             data = data[sent:]
@@ -90,14 +89,44 @@ class Responder:
             with anyio.fail_after(self._limits.send_timeout_s):
                 await self._stream.send(data)
         except TimeoutError:  # first: it is an OSError too, which GONE holds
+            self.lost("stalled")
+        except GONE:
+            self.lost("gone")
+
+    @property
+    def send_timeout_s(self) -> float:
+        return self._limits.send_timeout_s
+
+    @property
+    def can_hand_off(self) -> bool:
+        """Whether another process may write this response's body onto the socket (a
+        Unix socket, where every write of ours reaches the kernel before `send` returns)."""
+        return self._sock is not None and not self._conn.head_only
+
+    async def hand_off(self) -> tuple[int, bool] | None:
+        """After `start`: write the head now and return the socket's fd and whether the
+        body is chunked, for a worker to write body bytes straight onto the socket; None
+        when it cannot. Nothing else may be sent until the worker has let go."""
+        if not self.can_hand_off or not self.started or self.finished:
+            return None
+        head, self._head = self._head, b""
+        await self._write(head)
+        assert self._sock is not None
+        return self._sock.fileno(), self._conn.body_is_chunked()
+
+    def lost(self, reason: str) -> NoReturn:
+        """The client cannot be written to: `gone`, `stalled` (it read nothing for the
+        send timeout) or `torn` (a worker's write to it was cut off halfway). The
+        response cannot be ended; the connection closes."""
+        self.client_gone = True
+        if reason == "stalled":
             log.info(
                 "dropping a client that stopped reading for %.1f s", self._limits.send_timeout_s
             )
-            self.client_gone = True
             raise ClientGone("the client stopped reading") from None
-        except GONE:
-            self.client_gone = True
-            raise ClientGone("the client went away") from None
+        if reason == "torn":
+            raise ClientGone("the response was cut off halfway through a write") from None
+        raise ClientGone("the client went away") from None
 
     async def start(self, status: int, headers: list[tuple[str, str]]) -> None:
         """Decide the status; the head goes out with the first body bytes, in one write."""

@@ -49,6 +49,10 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     decode_ms: float = 0.0  # first token to last, timed in the worker
+    # A handed-off generation (see `Handoff`) whose client could not be written to:
+    # gone, stalled or torn (cut halfway through a write). The response cannot be ended.
+    lost: str | None = None
+    first_at: float | None = None  # when the first token was made (time.monotonic)
 
 
 @dataclass(frozen=True)
@@ -59,10 +63,39 @@ class Failed:
 GenEvent = Started | Tokens | Finished | Failed
 
 
+@dataclass(frozen=True)
+class Handoff:
+    """Where a handed-off generation writes its text: the client's socket, framed.
+
+    Each text event on the wire is `prefix` + the text as a JSON string + `suffix` (with
+    `join`, one event per write carrying the texts joined); `chunked` wraps each write
+    in an HTTP/1.1 chunk. `fd` stays the caller's: the worker gets a copy.
+    """
+
+    fd: int
+    prefix: str
+    suffix: str
+    join: bool
+    chunked: bool
+    timeout_s: float  # a write the client does not take this long: it is lost
+
+
 class Generation(Protocol):
     """One running generation; `next()` returns events until Finished or Failed."""
 
+    @property
+    def ending(self) -> Finished | Failed | None:
+        """The event that ended it, also when nobody read it (a cancelled generation,
+        once its `generate` context has exited)."""
+        ...
+
     async def next(self) -> GenEvent: ...
+
+    async def hand_off(self, target: Handoff | None) -> None:
+        """For a generation started with `handoff=True`, once its `Started` is answered:
+        write text to `target` from now on (no more `Tokens`), or with None, keep sending
+        `Tokens`. Text made before this call is held until it."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -83,8 +116,13 @@ class LoadedModel(Protocol):
 
     info: LoadedInfo
 
-    def generate(self, params: GenParams) -> AbstractAsyncContextManager[Generation]:
-        """Start a generation; leaving the context cancels it if it has not ended."""
+    def generate(
+        self, params: GenParams, *, handoff: bool = False
+    ) -> AbstractAsyncContextManager[Generation]:
+        """Start a generation; leaving the context cancels it if it has not ended.
+
+        With `handoff`, the generation waits for `Generation.hand_off` before any text.
+        """
         ...
 
     async def set_threads(self, n: int) -> None:

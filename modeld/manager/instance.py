@@ -87,9 +87,11 @@ class Lease:
     load_ms: float
     generated: bool = False  # a generation ran: its time feeds the retry estimates
 
-    def generate(self, params: GenParams) -> AbstractAsyncContextManager[Generation]:
+    def generate(
+        self, params: GenParams, *, handoff: bool = False
+    ) -> AbstractAsyncContextManager[Generation]:
         self.generated = True
-        return self.model.generate(params)
+        return self.model.generate(params, handoff=handoff)
 
 
 def planner_views(

@@ -1,7 +1,9 @@
 """The daemon's side of a worker process: spawn it, load a model, stream generations.
 
 Theory of operation: each worker is `python -m modeld.worker`, speaking JSON lines (see
-`modeld.worker.main`) over its stdin and stdout. One reader task per worker turns what
+`modeld.worker.main`) over its stdin and stdout. Its stdin is one end of a Unix socket
+pair, so an op can carry a client socket's fd to it (`send_fd`: the handoff of
+`modeld.worker.output`). One reader task per worker turns what
 the worker writes into events: control messages (hello, loaded, load_failed) go to one
 queue, generation events to the stream of the request they belong to. Token messages
 that arrive together are merged into one batch, so a fast model costs one HTTP write per
@@ -16,6 +18,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections import deque
@@ -109,8 +112,9 @@ def _worker_env() -> dict[str, str]:
 class WorkerProcess:
     """One `python -m modeld.worker` process and its message plumbing."""
 
-    def __init__(self, proc: anyio.abc.Process) -> None:
+    def __init__(self, proc: anyio.abc.Process, ops: anyio.abc.UNIXSocketStream) -> None:
         self.proc = proc
+        self._ops = ops  # the worker's stdin
         self.pid = proc.pid
         self.exited = anyio.Event()
         self.exit_reason = ""
@@ -120,21 +124,29 @@ class WorkerProcess:
             16
         )
         self._active: dict[int, Channel[GenEvent]] = {}
+        self._handed_off: set[int] = set()  # streams whose worker writes to the client
         self._send_lock = anyio.Lock()
         self._closing_error: ModeldError | None = None
 
     @classmethod
     async def spawn(cls, tg: anyio.abc.TaskGroup) -> WorkerProcess:
         """Start a worker and wait until it has imported llama.cpp and said hello."""
-        proc = await anyio.open_process(
-            [sys.executable, "-m", "modeld.worker"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=_worker_env(),
-            start_new_session=True,  # a Ctrl-C at the terminal is the daemon's to handle
-        )
-        worker = cls(proc)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            proc = await anyio.open_process(
+                [sys.executable, "-m", "modeld.worker"],
+                stdin=theirs.fileno(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=_worker_env(),
+                start_new_session=True,  # a Ctrl-C at the terminal is the daemon's to handle
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        worker = cls(proc, await anyio.abc.UNIXSocketStream.from_socket(ours))
         tg.start_soon(worker._read_stdout)
         tg.start_soon(worker._read_stderr)
         try:
@@ -152,17 +164,20 @@ class WorkerProcess:
     def alive(self) -> bool:
         return not self.exited.is_set()
 
-    async def send(self, message: dict[str, Any]) -> None:
+    async def send(self, message: dict[str, Any], fd: int | None = None) -> None:
+        """One op; `fd` goes with it (SCM_RIGHTS), for the worker to keep a copy of."""
         data = json.dumps(message, separators=(",", ":")).encode() + b"\n"
         async with self._send_lock:
-            assert self.proc.stdin is not None
-            await self.proc.stdin.send(data)
+            if fd is None:
+                await self._ops.send(data)
+            else:
+                await self._ops.send_fds(data, [fd])
 
-    async def send_quietly(self, message: dict[str, Any]) -> bool:
+    async def send_quietly(self, message: dict[str, Any], fd: int | None = None) -> bool:
         """`send`, but False instead of an error when the worker has gone (its reader
         then ends every stream with the worker's exit reason)."""
         try:
-            await self.send(message)
+            await self.send(message, fd)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             return False
         return True
@@ -210,7 +225,17 @@ class WorkerProcess:
             self._active[rid] = channel
         return channel
 
+    async def hand_off(self, rid: int, out: dict[str, Any], fd: int | None) -> None:
+        """Send the `out` op of a generation that asked for a handoff: its text goes to the
+        client socket `fd` (framed as `out` says), or with None, through the pipe."""
+        if fd is not None and rid in self._active:
+            self._handed_off.add(rid)
+        message = {"op": "out", "id": rid, "sock": fd is not None, **out}
+        if not await self.send_quietly(message, fd):
+            self._handed_off.discard(rid)
+
     def close_stream(self, rid: int) -> None:
+        self._handed_off.discard(rid)
         channel = self._active.pop(rid, None)
         if channel is not None:
             channel.close()
@@ -223,8 +248,7 @@ class WorkerProcess:
             except ProcessLookupError:
                 pass
         with anyio.CancelScope(shield=True):
-            if self.proc.stdin is not None:
-                await self.proc.stdin.aclose()
+            await self._ops.aclose()
             await self.exited.wait()
 
     async def close(self, error: ModeldError) -> None:
@@ -232,9 +256,11 @@ class WorkerProcess:
         self._closing_error = error
         # End open streams now: a reader blocked on a client that stopped reading must not
         # hold the worker's exit (and the daemon's shutdown) until that client times out.
+        # A stream the worker writes itself ends when the worker lets go of the socket.
         for rid, channel in list(self._active.items()):
-            channel.put_nowait(Failed(error), force=True)
-            self.close_stream(rid)
+            if rid not in self._handed_off:
+                channel.put_nowait(Failed(error), force=True)
+                self.close_stream(rid)
         with anyio.CancelScope(shield=True):
             if self.alive:
                 await self.send_quietly({"op": "shutdown"})
@@ -309,11 +335,14 @@ class WorkerProcess:
         if ev == "start":
             return Started(int(msg["prompt_tokens"]))
         if ev == "done":
+            lost, first_at = msg.get("lost"), msg.get("first_at")
             return Finished(
                 str(msg["finish_reason"]),
                 int(msg["prompt_tokens"]),
                 int(msg["completion_tokens"]),
                 float(msg.get("gen_ms", 0.0)),
+                lost=lost if isinstance(lost, str) else None,
+                first_at=float(first_at) if isinstance(first_at, int | float) else None,
             )
         code = str(msg.get("code"))
         cls = ERROR_CODES.get(code, GenerationFailed)
@@ -332,6 +361,7 @@ class WorkerProcess:
             closing is not None
             and isinstance(event, Finished)
             and event.finish_reason == "cancelled"
+            and event.lost is None
         ):
             event = Failed(closing)  # stopped by an unload, not by its client: say why
         if not await stream.put(event):
@@ -350,6 +380,7 @@ class WorkerProcess:
             self.close_stream(rid)
         self._control_send.close()
         self.exited.set()
+        await self._ops.aclose()
         if not deliberate:
             tail = " | ".join(list(self.stderr_tail)[-3:])
             log.warning("worker %d ended: %s; last stderr: %s", self.pid, self.exit_reason, tail)

@@ -6,6 +6,8 @@ text stream -> decode one token, with every ctypes function bound to a local, to
 pieces cached per id, and protocol writes batched by time.
 
 Events leave through a `Sink` as plain dicts; `modeld.worker.main` owns the protocol fd.
+Generated text leaves through an `Out` (`modeld.worker.output`): the same pipe, or the
+client's own socket.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import llama_cpp.llama_cpp as llama
 from modeld.worker import STREAM_INTERVAL_MS, llama_log
 from modeld.worker.events import done_event, error_event
 from modeld.worker.memory import accounted_mb, logged_ctx_bytes, rss_mb
+from modeld.worker.output import ClientLost, HandoffOut, PipeOut
 from modeld.worker.textstream import TextStream
 
 __all__ = [
@@ -52,6 +55,9 @@ class Sink(Protocol):
     """Where protocol events go: all events of one call are written together."""
 
     def send(self, *events: dict[str, Any]) -> None: ...
+
+
+Out = PipeOut | HandoffOut  # where generated text goes (modeld.worker.output)
 
 
 class CancelFlag:
@@ -260,8 +266,11 @@ class Engine:
         add(chain, llama.llama_sampler_init_dist(seed))
         return chain
 
-    def generate(self, spec: GenerateSpec, cancel: CancelFlag, sink: Sink) -> None:
-        """Run one request to its end, sending start/tokens and exactly one done or error."""
+    def generate(
+        self, spec: GenerateSpec, cancel: CancelFlag, sink: Sink, out: Out | None = None
+    ) -> None:
+        """Run one request to its end: `start` and exactly one done or error to the sink,
+        the text to `out` (by default, `tokens` events to the sink)."""
         t_req = time.perf_counter()
         n_prompt = self.tokenize(spec.prompt)
         rid = spec.id
@@ -285,7 +294,8 @@ class Engine:
                 sink.send(error_event(rid, "generation_failed", f"llama_decode returned {rc}"))
                 return
             limit = min(spec.max_tokens, self.n_ctx - n_prompt)
-            self._decode_loop(spec, smpl, limit, n_prompt, t_req, cancel, sink)
+            out = out if out is not None else PipeOut(sink.send, rid)
+            self._decode_loop(spec, smpl, limit, n_prompt, t_req, cancel, out)
         finally:
             llama.llama_sampler_free(smpl)
             llama.llama_memory_clear(self._mem, False)
@@ -318,7 +328,7 @@ class Engine:
         n_prompt: int,
         t_req: float,
         cancel: CancelFlag,
-        sink: Sink,
+        out: Out,
     ) -> None:
         """Sample, stream and decode token by token until stop, length, cancel or error."""
         ctx, rid = self._ctx, spec.id
@@ -329,8 +339,8 @@ class Engine:
         one = (llama.llama_token * 1)()
         batch = llama.llama_batch_get_one(one, 1)  # points at `one`: reused every step
         pending: list[str] = []
-        n_gen = 0
-        t_first = last_flush = 0.0
+        n_gen = rc = 0
+        t_first = last_flush = first_at = 0.0
         reason = "length"
         while n_gen < limit:
             tok: int = sample(smpl, ctx, -1)
@@ -339,7 +349,7 @@ class Engine:
             except KeyError:
                 piece = self._piece(tok)
             if not n_gen:
-                t_first = clock()
+                t_first, first_at = clock(), time.monotonic()
             if piece is None:
                 reason = "stop"
                 break
@@ -347,11 +357,15 @@ class Engine:
             text = push(piece)
             if text:
                 pending.append(text)
-            if pending:  # checked at every token: held text never waits on a later one
+            if pending and out.ready:  # checked every token: held text never waits on another
                 now = clock()
                 if now - last_flush >= interval:  # the first text goes out at once
                     last_flush = now
-                    sink.send({"ev": "tokens", "id": rid, "texts": pending})
+                    try:
+                        out.write(pending)
+                    except ClientLost:
+                        reason = "cancelled"
+                        break
                     pending = []
             if stream.stopped:
                 reason = "stop"
@@ -366,21 +380,24 @@ class Engine:
             one[0] = tok
             rc = decode(ctx, batch)
             if rc != 0:
-                self._finish_error(sink, rid, pending, rc)
-                return
+                break
         t_end = clock()
+        if rc != 0:
+            failed = error_event(rid, "generation_failed", f"llama_decode returned {rc}")
+            out.finish(pending, failed)
+            return
         if reason != "cancelled":
             tail = stream.finish()
             if tail:
                 pending.append(tail)
-        events = [{"ev": "tokens", "id": rid, "texts": pending}] if pending else []
         t_first = t_first or t_end
         ttft_ms = (t_first - t_req) * 1000.0
         gen_ms = (t_end - t_first) * 1000.0
         done = done_event(rid, reason, n_prompt, n_gen, ttft_ms, gen_ms)
         done["threads"] = self.threads  # what the last decode ran with
-        events.append(done)
-        sink.send(*events)
+        if first_at:
+            done["first_at"] = first_at  # monotonic, as the daemon's clock: its TTFT
+        out.finish(pending, done)
 
     def _piece(self, tok: int) -> bytes | None:
         """A token's bytes (None for end-of-generation), from llama.cpp, cached per token."""
@@ -396,10 +413,3 @@ class Engine:
             piece = buf.raw[: max(n, 0)]
         self._pieces[tok] = piece
         return piece
-
-    @staticmethod
-    def _finish_error(sink: Sink, rid: int, pending: list[str], rc: int) -> None:
-        """Flush what was generated, then report a failed decode."""
-        events = [{"ev": "tokens", "id": rid, "texts": pending}] if pending else []
-        events.append(error_event(rid, "generation_failed", f"llama_decode returned {rc}"))
-        sink.send(*events)

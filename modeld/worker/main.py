@@ -5,7 +5,9 @@ at stderr, so nothing printed by C or Python can corrupt it; only then is this m
 llama.cpp with it) imported. `main` initialises the backend and says `hello` (the daemon
 keeps a spare worker waiting there). A reader thread parses stdin: `cancel` and `shutdown`
 take effect at once by setting the running request's flag, `threads` (the daemon's share
-of the cores while other models generate too) before the next decode; `load` and `generate` are
+of the cores while other models generate too) before the next decode, `out` (where a
+handed-off generation's text goes, with the client socket's fd when stdin is a Unix
+socket: see `modeld.worker.output`) before its next write; `load` and `generate` are
 queued for the main thread, which runs them one at a time. A second `generate` while one
 is queued or running is answered `busy`. EOF on stdin acts as `shutdown`; during a load,
 both exit at once.
@@ -13,14 +15,19 @@ both exit at once.
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import json
 import os
 import queue
+import socket
+import stat
 import sys
 import threading
 import time
 import traceback
+from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from modeld.errors import ModeldError
@@ -36,13 +43,16 @@ from modeld.worker.engine import (
 )
 from modeld.worker.events import error_event
 from modeld.worker.llama_log import init_backend
+from modeld.worker.output import HandoffOut, parse_out
 
 __all__ = ["Channel", "main", "parse_generate", "parse_load"]
 
 READ_CHUNK = 1 << 16  # bytes per read of stdin; requests are small
+MAX_FDS = 8  # fds one read of stdin can carry (the daemon sends one per `out` op)
 EXIT_LOAD_FAILED = 1  # exit status after `load_failed`
 EXIT_PIPE_GONE = 3  # exit status when the protocol pipe is closed (the daemon is gone)
 _SHUTDOWN = object()  # queue item: leave the main loop
+SIZEOF_INT = array.array("i").itemsize  # an fd in SCM_RIGHTS data
 MAX_THREADS = 4096  # a `threads` op above this is a bug in the daemon
 
 
@@ -178,7 +188,9 @@ class Worker:
         self._chan = chan
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._current: tuple[int, CancelFlag] | None = None  # queued or running generate
+        # The queued or running generate: its id, cancel flag and (handed off) text output.
+        self._current: tuple[int, CancelFlag, HandoffOut | None] | None = None
+        self._fds: deque[int] = deque()  # received with stdin, for `out` ops still to read
         self._engine: Engine | None = None
         self._template = ChatTemplate(None)  # the loaded model's, for chats
         self._want_threads: int | None = None  # a `threads` op that came before the engine
@@ -188,11 +200,15 @@ class Worker:
     # -- reader thread --
 
     def read_forever(self, fd: int) -> None:
-        """Reader thread: split stdin into lines until EOF (raw reads: no stdin lock at exit)."""
+        """Reader thread: split stdin into lines until EOF (raw reads: no stdin lock at exit).
+
+        A Unix socket on stdin (the daemon's choice) may carry fds for `out` ops.
+        """
         parts: list[bytes] = []  # the unfinished line, in pieces (a prompt may be megabytes)
+        read = self._receiver(fd)
         while True:
             try:
-                chunk = os.read(fd, READ_CHUNK)
+                chunk = read()
             except OSError:
                 break
             if not chunk:
@@ -204,6 +220,23 @@ class Worker:
             if chunk:
                 parts.append(chunk)
         self._stop_everything()
+
+    def _receiver(self, fd: int) -> Callable[[], bytes]:
+        """A function reading the next chunk of stdin, keeping any fds that come with it."""
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            return lambda: os.read(fd, READ_CHUNK)
+        sock = socket.socket(fileno=fd)
+        ancillary = socket.CMSG_SPACE(MAX_FDS * SIZEOF_INT)
+
+        def receive() -> bytes:
+            data, anc, _flags, _addr = sock.recvmsg(READ_CHUNK, ancillary)
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    n = len(payload) - len(payload) % SIZEOF_INT
+                    self._fds.extend(array.array("i", payload[:n]))
+            return data
+
+        return receive
 
     def on_line(self, line: bytes) -> None:
         """Handle one input line (reader thread)."""
@@ -223,6 +256,8 @@ class Worker:
             self._enqueue_load(obj)
         elif op == "threads":
             self._set_threads(obj.get("n"))
+        elif op == "out":
+            self._out(obj)
         elif op == "shutdown":
             self._stop_everything()
         else:
@@ -238,16 +273,40 @@ class Worker:
         if engine is not None:
             engine.want_threads = n
 
+    def _out(self, obj: dict[str, Any]) -> None:
+        """Where a handed-off generation's text goes: the fd that came with the op, or the pipe."""
+        fd = self._fds.popleft() if obj.get("sock") is True and self._fds else None
+        try:
+            fmt = parse_out(obj) if fd is not None else None
+        except ValueError as exc:
+            _log(f"bad out op ({exc}): using the pipe")
+            fmt = None
+        with self._lock:
+            current = self._current
+        if current is not None and current[0] == obj.get("id") and current[2] is not None:
+            current[2].decide(fd if fmt is not None else None, fmt)
+            if fmt is not None:
+                return
+        if fd is not None:  # not wanted (the generation has ended, or a bad op): let it go
+            os.close(fd)
+
     def _cancel(self, rid: object) -> None:
         with self._lock:
             if self._current is not None and self._current[0] == rid:
-                self._current[1].cancelled = True
+                self._cancel_current()
+
+    def _cancel_current(self) -> None:
+        """(Under the lock.) Stop the current generation, and its wait for an `out` op."""
+        assert self._current is not None
+        self._current[1].cancelled = True
+        if self._current[2] is not None:
+            self._current[2].abandon()
 
     def _stop_everything(self) -> None:
         """Shutdown or EOF: cancel the running request, then leave; a load is not waited for."""
         with self._lock:
             if self._current is not None:
-                self._current[1].cancelled = True
+                self._cancel_current()
             if self._loading:
                 _log("shutdown during load: exiting now")
                 os._exit(0)
@@ -265,14 +324,15 @@ class Worker:
             self._chan.send(error_event(rid, "invalid_request", str(exc)))
             return
         flag = CancelFlag()
+        out = HandoffOut(self.send, rid, flag) if obj.get("handoff") is True else None
         with self._lock:
             busy = self._current is not None
             if not busy:
-                self._current = (rid, flag)
+                self._current = (rid, flag, out)
         if busy:
             self._chan.send(error_event(rid, "busy", "another generation is running"))
             return
-        self._queue.put((spec, flag))
+        self._queue.put((spec, flag, out))
 
     def _enqueue_load(self, obj: dict[str, Any]) -> None:
         if self._load_requested:
@@ -330,7 +390,7 @@ class Worker:
         self._chan.send({"ev": "loaded", **info})
         return True
 
-    def _generate(self, spec: GenerateSpec, flag: CancelFlag) -> None:
+    def _generate(self, spec: GenerateSpec, flag: CancelFlag, out: HandoffOut | None) -> None:
         try:
             if self._engine is None:
                 self.send(error_event(spec.id, "invalid_request", "no model is loaded"))
@@ -341,7 +401,7 @@ class Worker:
                 except ModeldError as exc:
                     self.send(error_event(spec.id, exc.code, exc.message, exc.param))
                     return
-            self._engine.generate(spec, flag, self)
+            self._engine.generate(spec, flag, self, out)
         except Exception as exc:  # a bug here must end the request, not the worker
             traceback.print_exc()
             with self._lock:
@@ -352,6 +412,8 @@ class Worker:
             with self._lock:
                 if self._current is not None and self._current[1] is flag:
                     self._current = None
+            if out is not None:
+                out.close()  # whatever ended the generation, the client's socket is let go
 
     def send(self, *events: dict[str, Any]) -> None:
         """The engine's sink: frees the busy slot before the final event goes out."""

@@ -2,7 +2,8 @@
 
 Each generation gets an id and a channel of the worker's events (`WorkerProcess` routes
 them); leaving `generate` before the end cancels it, and the worker must confirm, or it
-is killed.
+is killed. A handed-off generation writes its text onto the client's socket itself
+(`modeld.worker.output`).
 """
 
 from __future__ import annotations
@@ -15,8 +16,14 @@ from contextlib import asynccontextmanager
 import anyio
 
 from modeld.errors import ModeldError, WorkerCrashed
-from modeld.manager.backend import Failed, Finished, GenEvent, GenParams, LoadedInfo
-from modeld.worker.channel import Channel
+from modeld.manager.backend import (
+    Failed,
+    Finished,
+    GenEvent,
+    GenParams,
+    Handoff,
+    LoadedInfo,
+)
 from modeld.worker.client import WorkerProcess
 
 log = logging.getLogger(__name__)
@@ -27,9 +34,15 @@ CANCEL_GRACE_S = 5.0  # a cancelled generation must end within this, or the work
 class WorkerGeneration:
     """Events of one generation on a worker."""
 
-    def __init__(self, channel: Channel[GenEvent]) -> None:
-        self._channel = channel
-        self.ended = False
+    def __init__(self, worker: WorkerProcess, rid: int) -> None:
+        self._worker = worker
+        self._rid = rid
+        self._channel = worker.open_stream(rid)
+        self.ending: Finished | Failed | None = None
+
+    @property
+    def ended(self) -> bool:
+        return self.ending is not None
 
     async def next(self) -> GenEvent:
         try:
@@ -37,8 +50,21 @@ class WorkerGeneration:
         except anyio.EndOfStream:
             event = Failed(WorkerCrashed("worker ended the stream without finishing"))
         if isinstance(event, Finished | Failed):
-            self.ended = True
+            self.ending = event
         return event
+
+    async def hand_off(self, target: Handoff | None) -> None:
+        if target is None:
+            await self._worker.hand_off(self._rid, {}, None)
+            return
+        out = {
+            "prefix": target.prefix,
+            "suffix": target.suffix,
+            "join": target.join,
+            "chunked": target.chunked,
+            "timeout_s": target.timeout_s,
+        }
+        await self._worker.hand_off(self._rid, out, target.fd)
 
 
 class WorkerModel:
@@ -50,22 +76,25 @@ class WorkerModel:
         self._ids = itertools.count(1)
 
     @asynccontextmanager
-    async def generate(self, params: GenParams) -> AsyncIterator[WorkerGeneration]:
+    async def generate(
+        self, params: GenParams, *, handoff: bool = False
+    ) -> AsyncIterator[WorkerGeneration]:
         rid = next(self._ids)
-        gen = WorkerGeneration(self.worker.open_stream(rid))
+        gen = WorkerGeneration(self.worker, rid)
         try:
-            await self._send_generate(rid, params)
+            await self._send_generate(rid, params, handoff)
             yield gen
         finally:
             if not gen.ended:
                 await self._cancel(rid, gen)
             self.worker.close_stream(rid)
 
-    async def _send_generate(self, rid: int, params: GenParams) -> None:
+    async def _send_generate(self, rid: int, params: GenParams, handoff: bool) -> None:
         await self.worker.send_quietly(
             {
                 "op": "generate",
                 "id": rid,
+                "handoff": handoff,
                 "prompt": params.prompt,
                 "max_tokens": params.max_tokens,
                 "temperature": params.temperature,

@@ -338,3 +338,13 @@ def test_top_p_zero_keeps_only_the_most_likely_token() -> None:
 )
 def test_any_64_bit_seed_is_taken(seed: int | None, want: int | None) -> None:
     assert parse_completion({"model": "m", "prompt": "x", "seed": seed}).params.seed == want
+
+
+@pytest.mark.parametrize("chat", [True, False])
+@pytest.mark.parametrize("text", ["", "hi", 'a "quoted"\nline', "é\u2028\x00", "\\u0000"])
+def test_the_text_frame_a_worker_writes_is_the_chunk_the_daemon_would(
+    chat: bool, text: str
+) -> None:
+    envelope = Envelope(chat, 'odd "model" %s.gguf', include_usage=True)
+    prefix, suffix = envelope.text_frame()
+    assert (prefix + json.dumps(text, ensure_ascii=False) + suffix).encode() == envelope.chunk(text)

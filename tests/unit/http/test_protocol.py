@@ -263,3 +263,19 @@ def test_blank_lines_between_pipelined_requests_are_skipped() -> None:
     assert conn.next_cycle()
     req = conn.next()
     assert isinstance(req, Request) and req.path == "/healthz"
+
+
+@pytest.mark.parametrize(("version", "chunked"), [(b"1.1", True), (b"1.0", False)])
+def test_a_streamed_body_is_chunked_for_http_1_1_and_raw_for_1_0(
+    version: bytes, chunked: bool
+) -> None:
+    """What a worker writing a body straight to the socket must frame it as."""
+    conn = ServerConnection(SMALL)
+    req = feed(conn, b"POST /infer HTTP/" + version + b"\r\nHost: a\r\nContent-Length: 2\r\n\r\n{}")
+    assert isinstance(req, Request)
+    head = conn.start_response(200, [("Content-Type", "application/x-ndjson")])
+    assert conn.body_is_chunked() is chunked
+    assert conn.body_is_chunked() is chunked  # asking twice changes nothing
+    body = conn.data(b"abc") + conn.end()
+    assert body == (b"3\r\nabc\r\n0\r\n\r\n" if chunked else b"abc")
+    assert (b"chunked" in head.lower()) is chunked

@@ -14,6 +14,7 @@ from modeld.manager.backend import (
     Finished,
     GenEvent,
     GenParams,
+    Handoff,
     LoadedInfo,
     Started,
     Tokens,
@@ -31,7 +32,11 @@ class FakeGeneration:
         self.n_tokens = n_tokens
         self.sent = 0
         self.started = False
-        self.ended = False
+        self.ending: Finished | None = None
+
+    @property
+    def ended(self) -> bool:
+        return self.ending is not None
 
     async def next(self) -> GenEvent:
         if not self.started:
@@ -41,8 +46,11 @@ class FakeGeneration:
             await anyio.sleep(self.backend.token_delay_s)
             self.sent += 1
             return Tokens((f"t{self.sent}",))
-        self.ended = True
-        return Finished("length", 3, self.sent)
+        self.ending = Finished("length", 3, self.sent)
+        return self.ending
+
+    async def hand_off(self, target: Handoff | None) -> None:
+        """The fake always sends its text as events."""
 
 
 class FakeModel:
@@ -55,7 +63,9 @@ class FakeModel:
         )
 
     @asynccontextmanager
-    async def generate(self, params: GenParams) -> AsyncIterator[FakeGeneration]:
+    async def generate(
+        self, params: GenParams, *, handoff: bool = False
+    ) -> AsyncIterator[FakeGeneration]:
         gen = FakeGeneration(self.backend, params.max_tokens)
         self.backend.generations.append(self.model_id)
         try:
