@@ -357,7 +357,9 @@ class Engine:
             text = push(piece)
             if text:
                 pending.append(text)
-            if pending and out.ready:  # checked every token: held text never waits on another
+            if pending:  # checked at every token: held text never waits on a later one
+                if not out.ready:  # handed off: the daemon has not yet said where text goes
+                    out.wait_ready()
                 now = clock()
                 if now - last_flush >= interval:  # the first text goes out at once
                     last_flush = now

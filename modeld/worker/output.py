@@ -9,7 +9,7 @@ prefix and a suffix; HTTP chunked or raw). The worker then writes text events st
 onto the client's socket and tells the daemon only how the generation ended; the daemon
 writes the last event and the end of the body itself.
 
-Until the `out` op arrives, a handed-off generation holds its text back, so bytes
+Until the `out` op arrives, a handed-off generation waits with its first text, so bytes
 reach the client in order: the head first (the daemon's), then the worker's events, then
 the daemon's ending. The daemon may also answer "no socket" (`sock: false`), and the text
 goes to the pipe after all.
@@ -93,6 +93,9 @@ class PipeOut:
         self._send = send
         self._rid = rid
 
+    def wait_ready(self) -> None:
+        """Always ready."""
+
     def write(self, texts: list[str]) -> None:
         self._send({"ev": "tokens", "id": self._rid, "texts": texts})
 
@@ -136,6 +139,14 @@ class HandoffOut:
 
     # -- the decode thread --
 
+    def wait_ready(self) -> None:
+        """Wait for the `out` op (or a cancel). Generating on meanwhile would only take
+        the CPU the daemon needs to send it; a slow model's prompt outlasts the wait."""
+        if not self._decided.wait(DECISION_TIMEOUT_S):
+            with self._lock:  # the daemon is stuck: the pipe is always there
+                self.ready = True
+                self._decided.set()
+
     def write(self, texts: list[str]) -> None:
         """Write the texts now (only once `ready`); ClientLost if the client cannot take them."""
         if self._format is None:
@@ -145,9 +156,7 @@ class HandoffOut:
 
     def finish(self, texts: list[str], last: dict[str, Any]) -> None:
         """The last text, then (on the pipe) the ending event; the socket is let go."""
-        self._decided.wait(DECISION_TIMEOUT_S)  # at once, unless the generation beat the op
-        with self._lock:
-            self._decided.set()
+        self.wait_ready()
         try:
             if self._format is None:
                 self._pipe.finish(texts, last)
