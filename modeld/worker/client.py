@@ -228,7 +228,9 @@ class WorkerProcess:
     async def hand_off(self, rid: int, out: dict[str, Any], fd: int | None) -> None:
         """Send the `out` op of a generation that asked for a handoff: its text goes to the
         client socket `fd` (framed as `out` says), or with None, through the pipe."""
-        if fd is not None and rid in self._active:
+        if rid not in self._active:  # ended already (an unload, the worker gone)
+            fd = None
+        if fd is not None:
             self._handed_off.add(rid)
         message = {"op": "out", "id": rid, "sock": fd is not None, **out}
         if not await self.send_quietly(message, fd):

@@ -40,6 +40,7 @@ STREAM_INTERVAL_S = STREAM_INTERVAL_MS / 1000.0  # see modeld.worker
 PIECE_BUF_BYTES = 256  # longest token piece we expect; a longer one is retried with its size
 WARMUP_TOKEN_FALLBACK = 0  # token decoded for warm-up when the model has no BOS
 TOKEN_BYTES = ctypes.sizeof(llama.llama_token)  # stride of the token buffer
+DECODE_ABORTED = 2  # llama_decode's code when the abort callback stopped it
 KV_BYTES_PER_VALUE = 2  # default K/V cache type is f16
 FLASH_ATTN = {  # the load op's flash_attn values, as llama.cpp's enum
     "auto": llama.LLAMA_FLASH_ATTN_TYPE_AUTO,
@@ -123,13 +124,18 @@ class Engine:
         self._tokens = (llama.llama_token * (self.n_ctx + 1))()
         self._piece_buf = ctypes.create_string_buffer(PIECE_BUF_BYTES)
         self._pieces: dict[int, bytes | None] = {}  # token -> bytes, None for end-of-generation
-        self._cancel = CancelFlag()
-        self._abort_cb = llama.ggml_abort_callback(lambda _data: self._cancel.cancelled)
-        self._no_abort = llama.ggml_abort_callback()  # a NULL callback
         # Decode threads: the daemon lowers this while other models generate beside this
         # one (the reader thread sets it); generation picks it up before the next decode.
         self.threads = spec.threads
         self.want_threads = spec.threads
+        self._cancel = CancelFlag()
+        # Asked between two graph nodes of a prompt decode: stop it when the request is
+        # cancelled, or when the daemon has lowered this worker's share of the cores (it
+        # is redone with fewer threads: see _process_prompt).
+        self._abort_cb = llama.ggml_abort_callback(
+            lambda _data: self._cancel.cancelled or self.want_threads < self.threads
+        )
+        self._no_abort = llama.ggml_abort_callback()  # a NULL callback
 
     # ---- loading -------------------------------------------------------------------
 
@@ -301,19 +307,32 @@ class Engine:
             llama.llama_memory_clear(self._mem, False)
 
     def _process_prompt(self, n_prompt: int, cancel: CancelFlag) -> int:
-        """Decode the prompt in n_batch chunks, abortable; return llama_decode's last code."""
+        """Decode the prompt in n_batch chunks, abortable; return llama_decode's last code.
+
+        A chunk under way when the daemon lowers this worker's threads (another model
+        started generating) is stopped and done again with the new count: finishing it
+        with the old one would run more threads than cores, and llama.cpp's threads spin
+        at every graph step waiting for a peer that is not running, which can turn a
+        prompt of milliseconds into seconds for both models.
+        """
         ctx, step = self._ctx, self._n_batch
         tokens = self._tokens
         llama.llama_set_abort_callback(ctx, self._abort_cb, None)
         try:
             for start in range(0, n_prompt, step):
-                if cancel.cancelled:
-                    return 0
-                self.follow_threads()
                 n = min(step, n_prompt - start)
                 chunk = (llama.llama_token * n).from_buffer(tokens, start * TOKEN_BYTES)
                 batch = llama.llama_batch_get_one(chunk, n)
-                rc: int = llama.llama_decode(ctx, batch)
+                while True:
+                    if cancel.cancelled:
+                        return 0
+                    self.follow_threads()
+                    rc: int = llama.llama_decode(ctx, batch)
+                    if rc != DECODE_ABORTED or cancel.cancelled:
+                        break
+                    # Stopped for fewer threads: drop what the chunk left in the KV cache
+                    # (llama.cpp removes only the unfinished micro-batch) and redo it.
+                    llama.llama_memory_seq_rm(self._mem, 0, start, -1)
                 if rc != 0:
                     return rc
             return 0
@@ -360,6 +379,8 @@ class Engine:
             if pending:  # checked at every token: held text never waits on a later one
                 if not out.ready:  # handed off: the daemon has not yet said where text goes
                     out.wait_ready()
+                    if n_gen == 1:  # the first token reaches the client now; decoding starts
+                        t_first, first_at = clock(), time.monotonic()
                 now = clock()
                 if now - last_flush >= interval:  # the first text goes out at once
                     last_flush = now

@@ -229,11 +229,13 @@ class Worker:
         ancillary = socket.CMSG_SPACE(MAX_FDS * SIZEOF_INT)
 
         def receive() -> bytes:
-            data, anc, _flags, _addr = sock.recvmsg(READ_CHUNK, ancillary)
+            data, anc, flags, _addr = sock.recvmsg(READ_CHUNK, ancillary, socket.MSG_CMSG_CLOEXEC)
             for level, kind, payload in anc:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     n = len(payload) - len(payload) % SIZEOF_INT
                     self._fds.extend(array.array("i", payload[:n]))
+            if flags & socket.MSG_CTRUNC:  # the kernel closed fds that did not fit
+                _log("fds sent with an op were lost (ancillary data truncated)")
             return data
 
         return receive

@@ -155,26 +155,28 @@ class HandoffOut:
             self._write_all(self._format.frame(texts))
 
     def finish(self, texts: list[str], last: dict[str, Any]) -> None:
-        """The last text, then (on the pipe) the ending event; the socket is let go."""
+        """The last text, then the socket let go, then (on the pipe) the ending event."""
         self.wait_ready()
+        if self._format is None:
+            self.close()
+            self._pipe.finish(texts, last)
+            return
         try:
-            if self._format is None:
-                self._pipe.finish(texts, last)
-                return
             if texts and self.lost is None:
-                try:
-                    self._write_all(self._format.frame(texts))
-                except ClientLost:
-                    pass  # recorded in self.lost
-            if self.lost is not None:
-                last["lost"] = self.lost
-            self._send(last)
+                self._write_all(self._format.frame(texts))
+        except ClientLost:
+            pass  # recorded in self.lost
         finally:
             self.close()
+        if self.lost is not None:
+            last["lost"] = self.lost
+        self._send(last)
 
     def close(self) -> None:
+        """Let go of the socket; an `out` op still to come is let go of when it comes."""
         with self._lock:
             fd, self._fd = self._fd, None
+            self._decided.set()
         if fd is not None:
             os.close(fd)
 

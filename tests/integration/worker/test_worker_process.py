@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -435,5 +436,35 @@ def test_threads_op_changes_the_decode_threads_from_the_next_token(model_path: P
             worker.send({"op": "threads", "n": bad})
         worker.generate(3)
         assert worker.collect(3)[1][-1]["threads"] == 1
+    finally:
+        worker.close()
+
+
+def test_a_prompt_under_way_is_redone_with_fewer_threads_when_its_share_drops(
+    model_path: Path,
+) -> None:
+    """Another model starting to generate lowers this worker's threads mid-prompt: the
+    prompt's decode stops at once and is done again with the new count (finishing it
+    would run more threads than cores), and the output is what it would have been."""
+    worker = Worker(env={"MODELD_WORKER_DEBUG": "1"})  # llama.cpp's log on stderr
+    # About 6,000 tokens, one chunk of several micro-batches: its decode outlasts the
+    # round trip below by far, even on a busy machine.
+    prompt = "hello world " * 3000
+    try:
+        worker.load(model_path, threads=2, n_ctx=8192, n_batch=8192)
+        worker.send({"op": "threads", "n": 1})
+        worker.generate(1, prompt=prompt, max_tokens=16)
+        want, _ = worker.collect(1)
+        worker.send({"op": "threads", "n": 2})
+        worker.generate(2, prompt=prompt, max_tokens=16)
+        assert worker.expect("start")["id"] == 2  # the prompt's decode begins now
+        worker.send({"op": "threads", "n": 1})
+        got, events = worker.collect(2)
+        assert events[-1]["ev"] == "done" and events[-1]["threads"] == 1, events[-1]
+        assert got == want and want
+        deadline = time.monotonic() + TIMEOUT_S
+        while b"failed to decode, ret = 2" not in worker.stderr:  # the decode was stopped
+            assert time.monotonic() < deadline, worker.stderr[-2000:]
+            time.sleep(0.05)
     finally:
         worker.close()
