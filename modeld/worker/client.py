@@ -2,8 +2,8 @@
 
 Theory of operation: each worker is `python -m modeld.worker`, speaking JSON lines (see
 `modeld.worker.main`) over its stdin and stdout. Its stdin is one end of a Unix socket
-pair, so an op can carry a client socket's fd to it (`send_fd`: the handoff of
-`modeld.worker.output`). One reader task per worker turns what
+pair, so an op can carry a client socket's fd to it (`hand_off`: the worker then writes
+that stream itself, see `modeld.worker.output`). One reader task per worker turns what
 the worker writes into events: control messages (hello, loaded, load_failed) go to one
 queue, generation events to the stream of the request they belong to. Token messages
 that arrive together are merged into one batch, so a fast model costs one HTTP write per

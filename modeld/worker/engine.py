@@ -132,8 +132,14 @@ class Engine:
         # Asked between two graph nodes of a prompt decode: stop it when the request is
         # cancelled, or when the daemon has lowered this worker's share of the cores (it
         # is redone with fewer threads: see _process_prompt).
+        # Not for recurrent or hybrid models: their state cannot lose a part of a sequence.
+        self._redo = not (
+            llama.llama_model_is_recurrent(model) or llama.llama_model_is_hybrid(model)
+        )
         self._abort_cb = llama.ggml_abort_callback(
-            lambda _data: self._cancel.cancelled or self.want_threads < self.threads
+            lambda _data: (
+                self._cancel.cancelled or (self._redo and self.want_threads < self.threads)
+            )
         )
         self._no_abort = llama.ggml_abort_callback()  # a NULL callback
 
@@ -309,32 +315,34 @@ class Engine:
     def _process_prompt(self, n_prompt: int, cancel: CancelFlag) -> int:
         """Decode the prompt in n_batch chunks, abortable; return llama_decode's last code.
 
-        A chunk under way when the daemon lowers this worker's threads (another model
-        started generating) is stopped and done again with the new count: finishing it
-        with the old one would run more threads than cores, and llama.cpp's threads spin
-        at every graph step waiting for a peer that is not running, which can turn a
-        prompt of milliseconds into seconds for both models.
+        A decode under way when the daemon lowers this worker's threads (another model
+        started generating) is stopped and goes on with the new count: finishing it with
+        the old one would run more threads than cores, and llama.cpp's threads spin at
+        every graph step waiting for a peer that is not running, which can turn a prompt
+        of milliseconds into seconds for both models. llama.cpp keeps the micro-batches a
+        stopped decode finished and drops the one under way; the next decode starts after
+        what the KV cache holds.
         """
-        ctx, step = self._ctx, self._n_batch
+        ctx, step, mem = self._ctx, self._n_batch, self._mem
         tokens = self._tokens
         llama.llama_set_abort_callback(ctx, self._abort_cb, None)
         try:
-            for start in range(0, n_prompt, step):
+            start = 0
+            while start < n_prompt:
+                if cancel.cancelled:
+                    return 0
+                self.follow_threads()
                 n = min(step, n_prompt - start)
                 chunk = (llama.llama_token * n).from_buffer(tokens, start * TOKEN_BYTES)
-                batch = llama.llama_batch_get_one(chunk, n)
-                while True:
-                    if cancel.cancelled:
-                        return 0
-                    self.follow_threads()
-                    rc: int = llama.llama_decode(ctx, batch)
-                    if rc != DECODE_ABORTED or cancel.cancelled:
-                        break
-                    # Stopped for fewer threads: drop what the chunk left in the KV cache
-                    # (llama.cpp removes only the unfinished micro-batch) and redo it.
-                    llama.llama_memory_seq_rm(self._mem, 0, start, -1)
+                with llama_log.held() as errors:
+                    rc: int = llama.llama_decode(ctx, llama.llama_batch_get_one(chunk, n))
+                if rc == DECODE_ABORTED and not cancel.cancelled:  # for fewer threads
+                    start = llama.llama_memory_seq_pos_max(mem, 0) + 1
+                    continue
+                llama_log.release(errors)
                 if rc != 0:
                     return rc
+                start += n
             return 0
         finally:
             llama.llama_set_abort_callback(ctx, self._no_abort, None)
@@ -378,9 +386,11 @@ class Engine:
                 pending.append(text)
             if pending:  # checked at every token: held text never waits on a later one
                 if not out.ready:  # handed off: the daemon has not yet said where text goes
+                    waited = clock()
                     out.wait_ready()
-                    if n_gen == 1:  # the first token reaches the client now; decoding starts
-                        t_first, first_at = clock(), time.monotonic()
+                    if not cancel.cancelled:  # not decoding: its text reaches the client now
+                        waited = clock() - waited
+                        t_first, first_at = t_first + waited, first_at + waited
                 now = clock()
                 if now - last_flush >= interval:  # the first text goes out at once
                     last_flush = now

@@ -3,7 +3,8 @@
 llama.cpp writes its logs through one process-wide callback. Ours keeps the worker quiet
 (errors only, to stderr, which the daemon keeps for its debug log) unless
 `MODELD_WORKER_DEBUG=1`, and can capture what a call logs: a context's buffer sizes are
-only reported that way.
+only reported that way. The errors of a call that may fail on purpose (a prompt decode
+stopped to be redone with fewer threads) can be held back and dropped.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from contextlib import contextmanager
 
 import llama_cpp.llama_cpp as llama
 
-__all__ = ["captured", "init_backend"]
+__all__ = ["captured", "held", "init_backend", "release"]
 
 LOG_ERROR_LEVEL = 4  # GGML_LOG_LEVEL_ERROR: the only llama.cpp logs kept when not debugging
 LOG_CONT_LEVEL = 5  # GGML_LOG_LEVEL_CONT: continuation of the previous message
@@ -26,6 +27,7 @@ class _LlamaLog:
     def __init__(self, debug: bool) -> None:
         self.debug = debug
         self.capture: list[bytes] | None = None
+        self.held: list[bytes] | None = None  # errors kept back (see `held`)
         self._last_level = 0
         self.callback = llama.llama_log_callback(self._on_log)
 
@@ -36,8 +38,13 @@ class _LlamaLog:
             self._last_level = level
         if self.capture is not None:
             self.capture.append(text)
-        if self.debug or self._last_level >= LOG_ERROR_LEVEL:
+        if self.debug:
             os.write(2, text)
+        elif self._last_level >= LOG_ERROR_LEVEL:
+            if self.held is not None:
+                self.held.append(text)
+            else:
+                os.write(2, text)
 
 
 _log: _LlamaLog | None = None  # kept alive for as long as llama.cpp may call it
@@ -63,3 +70,24 @@ def captured() -> Iterator[list[bytes]]:
     finally:
         if log is not None:
             log.capture = None
+
+
+@contextmanager
+def held() -> Iterator[list[bytes]]:
+    """The errors llama.cpp logs inside the block, kept back instead of written (when not
+    debugging): for a call whose failure may be expected; `release` writes them after all."""
+    lines: list[bytes] = []
+    log = _log
+    if log is not None:
+        log.held = lines
+    try:
+        yield lines
+    finally:
+        if log is not None:
+            log.held = None
+
+
+def release(lines: list[bytes]) -> None:
+    """Write errors kept back by `held`."""
+    for text in lines:
+        os.write(2, text)

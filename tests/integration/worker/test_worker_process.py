@@ -440,12 +440,13 @@ def test_threads_op_changes_the_decode_threads_from_the_next_token(model_path: P
         worker.close()
 
 
-def test_a_prompt_under_way_is_redone_with_fewer_threads_when_its_share_drops(
+def test_a_prompt_under_way_goes_on_with_fewer_threads_when_its_share_drops(
     model_path: Path,
 ) -> None:
     """Another model starting to generate lowers this worker's threads mid-prompt: the
-    prompt's decode stops at once and is done again with the new count (finishing it
-    would run more threads than cores), and the output is what it would have been."""
+    prompt's decode stops at once and goes on with the new count from the micro-batches
+    it finished (finishing with the old count would run more threads than cores), and
+    the output is what it would have been."""
     worker = Worker(env={"MODELD_WORKER_DEBUG": "1"})  # llama.cpp's log on stderr
     # About 6,000 tokens, one chunk of several micro-batches: its decode outlasts the
     # round trip below by far, even on a busy machine.

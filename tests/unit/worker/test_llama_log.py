@@ -1,0 +1,44 @@
+"""How the worker routes llama.cpp's log lines (no model, no backend: the router alone)."""
+
+from __future__ import annotations
+
+import pytest
+
+from modeld.worker import llama_log
+
+ERROR, WARN, CONT = llama_log.LOG_ERROR_LEVEL, 3, llama_log.LOG_CONT_LEVEL
+
+
+def test_only_errors_are_written_when_not_debugging(capfd: pytest.CaptureFixture[str]) -> None:
+    log = llama_log._LlamaLog(debug=False)
+    log._on_log(WARN, b"a warning\n", None)
+    log._on_log(ERROR, b"an error ", None)
+    log._on_log(CONT, b"continued\n", None)
+    assert capfd.readouterr().err == "an error continued\n"
+
+
+def test_held_errors_are_dropped_or_released(
+    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = llama_log._LlamaLog(debug=False)
+    monkeypatch.setattr(llama_log, "_log", log)
+    with llama_log.held() as dropped:
+        log._on_log(ERROR, b"decode aborted\n", None)
+    with llama_log.held() as kept:
+        log._on_log(ERROR, b"a real failure\n", None)
+    assert capfd.readouterr().err == ""  # nothing written while held
+    assert dropped == [b"decode aborted\n"]
+    llama_log.release(kept)
+    log._on_log(ERROR, b"later\n", None)  # no longer held
+    assert capfd.readouterr().err == "a real failure\nlater\n"
+
+
+def test_debugging_writes_everything_at_once(
+    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = llama_log._LlamaLog(debug=True)
+    monkeypatch.setattr(llama_log, "_log", log)
+    with llama_log.held() as lines:
+        log._on_log(WARN, b"w\n", None)
+        log._on_log(ERROR, b"e\n", None)
+    assert lines == [] and capfd.readouterr().err == "w\ne\n"
