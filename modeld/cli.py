@@ -109,6 +109,12 @@ def _socket(ctx: click.Context, param: click.Parameter, value: str | None) -> Pa
     help="Tokens made within this long of the last write are sent with the next (0: each at once).",
 )
 @click.option(
+    "--stream-handoff/--no-stream-handoff",
+    default=True,
+    help="A model's worker writes a stream onto the client's socket itself (off: the "
+    "daemon forwards every write, which costs it CPU).",
+)
+@click.option(
     "--max-queue-depth",
     type=click.IntRange(min=0),
     default=32,

@@ -26,6 +26,7 @@ class Config:
     flash_attn: str = "auto"
     n_batch: int = 512
     stream_interval_ms: int = STREAM_INTERVAL_MS
+    stream_handoff: bool = True  # workers write streams onto the client socket themselves
     max_queue_depth: int = 32
     max_wait_ms: int = 30_000
     max_inflight: int = 0

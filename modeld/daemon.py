@@ -16,8 +16,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 from collections.abc import Iterable
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -304,14 +304,14 @@ class Daemon:
 
     async def _accept_loop(self, item: OpenListener, app: App, conns: anyio.abc.TaskGroup) -> None:
         async for stream in accept_forever(item, self.stopping):
-            if item.info.kind == "tcp":
-                try:
-                    raw = stream.extra(anyio.abc.SocketAttribute.raw_socket)
-                    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                except (OSError, anyio.TypedAttributeLookupError):
-                    pass
             conns.start_soon(
-                serve_connection, stream, app, self.cfg.limits, item.info, self.slots, error_body
+                partial(serve_connection, handoff=self.cfg.stream_handoff),
+                stream,
+                app,
+                self.cfg.limits,
+                item.info,
+                self.slots,
+                error_body,
             )
 
     async def _signals(self) -> None:

@@ -21,6 +21,7 @@ import anyio.abc
 from modeld.api.app import is_loopback_host
 from modeld.config import Config
 from modeld.http.server import ConnInfo
+from modeld.http.tcp import TCPListener
 from modeld.service import systemd
 
 log = logging.getLogger("modeld")
@@ -105,14 +106,15 @@ async def _adopt(inh: systemd.InheritedSocket) -> OpenListener:
     """A listener systemd opened for us (socket activation)."""
     sock = inh.sock
     sock.setblocking(False)
-    listener = await anyio.abc.SocketListener.from_socket(sock)
     if inh.family == socket.AF_UNIX:
         return OpenListener(
-            listener, ConnInfo("unix", False), f"unix:{sock.getsockname()} (systemd)"
+            await anyio.abc.SocketListener.from_socket(sock),
+            ConnInfo("unix", False),
+            f"unix:{sock.getsockname()} (systemd)",
         )
     host = str(sock.getsockname()[0])
     return OpenListener(
-        listener,
+        TCPListener(sock),
         ConnInfo("tcp", is_loopback_host(host)),
         f"tcp:{host}:{sock.getsockname()[1]} (systemd)",
     )
@@ -128,7 +130,10 @@ async def _open_tcp(host: str, port: int) -> list[OpenListener]:
         assert isinstance(sub, anyio.abc.SocketListener)
         addr = sub.extra(anyio.abc.SocketAttribute.local_address)
         label = f"tcp:[{addr[0]}]:{addr[1]}" if ":" in str(addr[0]) else f"tcp:{addr[0]}:{addr[1]}"
-        out.append(OpenListener(sub, ConnInfo("tcp", is_loopback_host(str(addr[0]))), label))
+        # anyio opened it (addresses, dual stack, options); modeld.http.tcp serves it.
+        listener = TCPListener(sub.extra(anyio.abc.SocketAttribute.raw_socket).dup())
+        await sub.aclose()
+        out.append(OpenListener(listener, ConnInfo("tcp", is_loopback_host(str(addr[0]))), label))
     return out
 
 

@@ -53,13 +53,19 @@ class Responder:
     """How a handler answers one request: `start`/`send`/`end`, or `respond` at once."""
 
     def __init__(
-        self, stream: anyio.abc.ByteStream, conn: ServerConnection, limits: Limits
+        self,
+        stream: anyio.abc.ByteStream,
+        conn: ServerConnection,
+        limits: Limits,
+        *,
+        handoff: bool = True,
     ) -> None:
         self._stream = stream
-        # A Unix socket stream is a plain non-blocking socket (TCP ones sit behind an
-        # asyncio transport, which must do their writing).
+        # A plain non-blocking socket (Unix, or TCP: see modeld.http.tcp): what `send`
+        # has written is in the kernel, so it may be written to directly, and handed off.
         raw = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
         self._sock = raw if isinstance(raw, socket.socket) else None
+        self._handoff = handoff  # whether `hand_off` may be used (--stream-handoff)
         self._conn = conn
         self._limits = limits
         self.started = False
@@ -100,8 +106,8 @@ class Responder:
     @property
     def can_hand_off(self) -> bool:
         """Whether another process may write this response's body onto the socket (a
-        Unix socket, where every write of ours reaches the kernel before `send` returns)."""
-        return self._sock is not None and not self._conn.head_only
+        plain socket, where every write of ours reaches the kernel before `send` returns)."""
+        return self._handoff and self._sock is not None and not self._conn.head_only
 
     async def hand_off(self) -> tuple[int, bool] | None:
         """After `start`: write the head now and return the socket's fd and whether the
@@ -232,9 +238,12 @@ async def serve_connection(
     info: ConnInfo,
     slots: ConnectionSlots,
     error_body: ErrorBody | None = None,
+    *,
+    handoff: bool = True,
 ) -> None:
     """Serve requests on one connection until it closes; `error_body` shapes the errors
-    answered before the handler sees a request (after its head, when the path is known)."""
+    answered before the handler sees a request (after its head, when the path is known);
+    `handoff` lets workers write streamed bodies themselves (`Responder.hand_off`)."""
     conn = ServerConnection(limits)
     slots.open += 1
     try:
@@ -256,7 +265,7 @@ async def serve_connection(
                 await _refuse(stream, conn, outcome.error, since, error_body)
                 return
             assert isinstance(outcome, Request)
-            responder = Responder(stream, conn, limits)
+            responder = Responder(stream, conn, limits, handoff=handoff)
             await _run_handler(stream, conn, handler, outcome, responder, info)
             if responder.client_gone or not responder.finished or not conn.next_cycle():
                 return

@@ -1,9 +1,9 @@
-"""Streams over the Unix socket are written by the model's worker itself (the handoff).
+"""Streams are written by the model's worker itself (the handoff).
 
-Over TCP the daemon forwards every write; over the Unix socket the worker gets a copy of
-the client socket and writes the token events onto it. A client must not be able to
-tell the two apart: the same bytes, the same framing (HTTP/1.1 chunks, or raw to the
-close for HTTP/1.0), the same endings, keep-alive and errors.
+The worker gets a copy of the client socket and writes the token events onto it; with
+`--no-stream-handoff` the daemon forwards every write instead. A client must not be able
+to tell the two apart, over either listener: the same bytes, the same framing (HTTP/1.1
+chunks, or raw to the close for HTTP/1.0), the same endings, keep-alive and errors.
 """
 
 from __future__ import annotations
@@ -59,6 +59,15 @@ IDS = ["ndjson", "sse", "v1-completions", "v1-chat", "stop"]
 def daemon(model_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     models = model_store.models_dir(tmp_path_factory.mktemp("handoff"), MODELS)
     with running(models) as d:
+        yield d
+
+
+@pytest.fixture(scope="module")
+def forwarding(
+    model_store: ModelStore, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Daemon]:
+    models = model_store.models_dir(tmp_path_factory.mktemp("forwarding"), MODELS)
+    with running(models, "--no-stream-handoff") as d:
         yield d
 
 
@@ -127,27 +136,38 @@ def openai_text(body: bytes) -> tuple[str, list[dict[str, Any]]]:
 @pytest.mark.parametrize("version", ["1.1", "1.0"])
 @pytest.mark.parametrize(("path", "body", "extra"), STREAMS, ids=IDS)
 def test_a_handed_off_stream_is_byte_for_byte_the_forwarded_one(
-    daemon: Daemon, path: str, body: dict[str, Any], extra: str, version: str
+    daemon: Daemon,
+    forwarding: Daemon,
+    path: str,
+    body: dict[str, Any],
+    extra: str,
+    version: str,
 ) -> None:
-    before = len(generations(daemon))
-    unix = body_of(exchange_raw(daemon, "unix", path, body, extra, version), version)
-    tcp = body_of(exchange_raw(daemon, "tcp", path, body, extra, version), version)
-    if path.startswith("/v1/"):
-        assert openai_text(unix) == openai_text(tcp)
-    else:
-        assert unix == tcp
-    unix_log, tcp_log = new_lines(daemon, before, 2)
-    assert unix_log["handoff"] is True, unix_log
-    assert tcp_log["handoff"] is False, tcp_log
-    for rec in (unix_log, tcp_log):
+    before = len(generations(daemon)), len(generations(forwarding))
+    bodies = [
+        body_of(exchange_raw(d, via, path, body, extra, version), version)
+        for d, via in ((forwarding, "unix"), (daemon, "unix"), (daemon, "tcp"))
+    ]
+    forwarded, *handed = bodies
+    for got in handed:
+        if path.startswith("/v1/"):
+            assert openai_text(got) == openai_text(forwarded)
+        else:
+            assert got == forwarded
+    (forwarded_log,) = new_lines(forwarding, before[1], 1)
+    assert forwarded_log["handoff"] is False, forwarded_log
+    for rec in (forwarded_log, *new_lines(daemon, before[0], 2)):
+        assert rec["handoff"] is (rec is not forwarded_log), rec
         assert rec["tokens"] > 0 and rec["ttft_ms"] is not None and rec["decode_ms"] is not None
 
 
-def test_a_long_fast_stream_arrives_whole_and_the_connection_is_kept(daemon: Daemon) -> None:
+def test_a_long_fast_stream_arrives_whole_and_the_connection_is_kept(
+    daemon: Daemon, via: str
+) -> None:
     """Thousands of tokens in many worker writes, then a second request on the same
     connection: the framing held and the daemon took the connection back."""
     before = len(generations(daemon))
-    conn = daemon.client("unix").connection()
+    conn = daemon.client(via).connection()
     try:
         for max_tokens in (1500, 5):
             body = {"model": "tiny", "prompt": "hi", "temperature": 0, "max_tokens": max_tokens}
@@ -171,8 +191,10 @@ def test_a_non_streamed_answer_is_not_handed_off(daemon: Daemon) -> None:
     assert rec["handoff"] is False, rec
 
 
-def test_a_client_that_hangs_up_cancels_the_worker_which_serves_on(daemon: Daemon) -> None:
-    client = daemon.client("unix")
+def test_a_client_that_hangs_up_cancels_the_worker_which_serves_on(
+    daemon: Daemon, via: str
+) -> None:
+    client = daemon.client(via)
     client.infer(model="tiny", prompt="hi", max_tokens=2, stream=False)  # loaded
     loads = instance(daemon, "tiny.gguf")["loads"]
     before = len(generations(daemon))
