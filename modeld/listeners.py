@@ -112,12 +112,23 @@ async def _adopt(inh: systemd.InheritedSocket) -> OpenListener:
             ConnInfo("unix", False),
             f"unix:{sock.getsockname()} (systemd)",
         )
-    host = str(sock.getsockname()[0])
+    if sock.type != socket.SOCK_STREAM or not sock.getsockopt(
+        socket.SOL_SOCKET, socket.SO_ACCEPTCONN
+    ):
+        raise StartupError(
+            f"systemd passed a socket that is not a listening stream socket ({inh.name});"
+            " use ListenStream= without Accept=yes"
+        )
+    host, port = sock.getsockname()[:2]
     return OpenListener(
         TCPListener(sock),
-        ConnInfo("tcp", is_loopback_host(host)),
-        f"tcp:{host}:{sock.getsockname()[1]} (systemd)",
+        ConnInfo("tcp", is_loopback_host(str(host))),
+        f"{_tcp_label(str(host), port)} (systemd)",
     )
+
+
+def _tcp_label(host: str, port: int) -> str:
+    return f"tcp:[{host}]:{port}" if ":" in host else f"tcp:{host}:{port}"
 
 
 async def _open_tcp(host: str, port: int) -> list[OpenListener]:
@@ -125,15 +136,24 @@ async def _open_tcp(host: str, port: int) -> list[OpenListener]:
         multi = await anyio.create_tcp_listener(local_host=host, local_port=port, reuse_port=False)
     except OSError as exc:
         raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    out = []
-    for sub in multi.listeners:
-        assert isinstance(sub, anyio.abc.SocketListener)
-        addr = sub.extra(anyio.abc.SocketAttribute.local_address)
-        label = f"tcp:[{addr[0]}]:{addr[1]}" if ":" in str(addr[0]) else f"tcp:{addr[0]}:{addr[1]}"
-        # anyio opened it (addresses, dual stack, options); modeld.http.tcp serves it.
-        listener = TCPListener(sub.extra(anyio.abc.SocketAttribute.raw_socket).dup())
-        await sub.aclose()
-        out.append(OpenListener(listener, ConnInfo("tcp", is_loopback_host(str(addr[0]))), label))
+    # anyio opens the sockets (addresses, dual stack, options); modeld.http.tcp serves them.
+    out: list[OpenListener] = []
+    try:
+        for sub in multi.listeners:
+            assert isinstance(sub, anyio.abc.SocketListener)
+            addr = sub.extra(anyio.abc.SocketAttribute.local_address)
+            assert isinstance(addr, tuple)
+            bound, bound_port = addr[:2]
+            listener = TCPListener(sub.extra(anyio.abc.SocketAttribute.raw_socket).dup())
+            info = ConnInfo("tcp", is_loopback_host(str(bound)))
+            out.append(OpenListener(listener, info, _tcp_label(str(bound), int(bound_port))))
+    except BaseException:
+        for item in out:
+            await item.listener.aclose()
+        raise
+    finally:
+        with anyio.CancelScope(shield=True):
+            await multi.aclose()
     return out
 
 

@@ -26,7 +26,10 @@ class TCPStream(anyio.abc.SocketStream):
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:  # some systems refuse it on a connection already reset
+            pass
         self._sock = sock
         self._closed = False
 
@@ -35,7 +38,10 @@ class TCPStream(anyio.abc.SocketStream):
         return self._sock
 
     async def receive(self, max_bytes: int = RECEIVE_LIMIT) -> bytes:
-        await anyio.lowlevel.checkpoint_if_cancelled()
+        if max_bytes < 1:
+            raise ValueError("max_bytes must be a positive integer")
+        # A turn for the other tasks (and deadlines) even when data keeps coming.
+        await anyio.lowlevel.checkpoint()
         while True:
             try:
                 data = self._sock.recv(max_bytes)
@@ -50,7 +56,7 @@ class TCPStream(anyio.abc.SocketStream):
             return data
 
     async def send(self, item: bytes) -> None:
-        await anyio.lowlevel.checkpoint_if_cancelled()
+        await anyio.lowlevel.checkpoint()
         view = memoryview(item)
         while view:
             try:
@@ -96,7 +102,7 @@ class TCPListener(anyio.abc.SocketListener):
 
     async def accept(self) -> TCPStream:
         """The next connection; OSError (EMFILE, ...) as accept() raises it."""
-        await anyio.lowlevel.checkpoint_if_cancelled()
+        await anyio.lowlevel.checkpoint()
         while True:
             if self._closed:
                 raise anyio.ClosedResourceError

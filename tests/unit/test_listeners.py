@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import errno
 import resource
+import socket
 
 import anyio
 import pytest
 
 from modeld import listeners
 from modeld.http.server import ConnInfo
+from modeld.http.tcp import TCPListener
 from modeld.listeners import accept_forever, fit_connections_to_fd_limit, transient_accept_error
+from modeld.service import systemd
 
 
 class FakeLimits:
@@ -114,3 +117,34 @@ async def test_a_broken_listener_or_shutdown_ends_the_loop() -> None:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+# ---- sockets passed by systemd -------------------------------------------------------------
+
+
+def inherited(sock: socket.socket) -> systemd.InheritedSocket:
+    return systemd.InheritedSocket(sock, "modeld.socket", sock.family)
+
+
+@pytest.mark.anyio
+async def test_a_listening_tcp_socket_from_systemd_is_served_on_the_plain_socket() -> None:
+    sock = socket.socket(socket.AF_INET6)
+    sock.bind(("::1", 0))
+    sock.listen()
+    item = await listeners._adopt(inherited(sock))
+    try:
+        assert isinstance(item.listener, TCPListener)
+        assert item.info == ConnInfo("tcp", True)
+        assert item.label == f"tcp:[::1]:{sock.getsockname()[1]} (systemd)"
+    finally:
+        await item.listener.aclose()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["datagram", "not listening"])
+async def test_a_tcp_socket_from_systemd_that_cannot_accept_stops_the_start(kind: str) -> None:
+    sock = socket.socket(type=socket.SOCK_DGRAM if kind == "datagram" else socket.SOCK_STREAM)
+    with sock:
+        sock.bind(("127.0.0.1", 0))
+        with pytest.raises(listeners.StartupError, match="ListenStream"):
+            await listeners._adopt(inherited(sock))
