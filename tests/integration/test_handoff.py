@@ -262,3 +262,23 @@ def test_a_stream_nobody_reads_is_cut_off_at_shutdown(
             assert resp.body.endswith(b'shutting down"}}\n\n'), resp.body[-300:]
         else:  # or halfway through one: cut off, no ending after half an event
             assert b"shutting_down" not in raw[-2000:]
+
+
+def test_pipelined_streams_are_answered_in_order(daemon: Daemon, via: str) -> None:
+    """Two streamed requests sent back to back on one connection: the second waits, in
+    the daemon's buffer, until the worker has let go of the first."""
+    bodies = [
+        json.dumps({"model": "tiny", "prompt": p, "max_tokens": 200, "temperature": 0}).encode()
+        for p in ("first", "second")
+    ]
+    with open_socket(daemon, via) as sock:
+        sock.sendall(
+            post("/infer", bodies[0]) + post("/infer", bodies[1], b"Connection: close\r\n")
+        )
+        raw, closed = read_to_close(sock)
+    assert closed
+    first, second = parse_responses(raw)
+    for resp in (first, second):
+        assert resp.status == 200
+        events = [json.loads(line) for line in resp.body.splitlines()]
+        assert assert_one_done(events)["usage"]["completion_tokens"] == 200
