@@ -32,6 +32,7 @@ from modeld.manager.backend import (
     GenParams,
     Handoff,
     LoadedInfo,
+    LostReason,
     Started,
     Tokens,
 )
@@ -124,6 +125,7 @@ class Outcome:
         self.last_token_at: float | None = None
         self.tokens = 0
         self.handoff: bool | None = None  # whether the worker wrote the text to the client
+        self.ended = False  # the worker's figures of the end are in (`finished`)
 
     def tokens_arrived(self, count: int) -> None:
         now = time.monotonic()
@@ -136,6 +138,9 @@ class Outcome:
     def finished(self, event: Finished) -> None:
         """The worker's figures of a generation that ended. A handed-off one's text went
         straight to the client, so when its tokens came is the worker's to say."""
+        if self.ended:
+            return
+        self.ended = True
         self.tokens = event.completion_tokens
         if event.finish_reason != "cancelled":
             self.decode_ms = round(event.decode_ms, 2)
@@ -237,14 +242,14 @@ class GenerationSink(Protocol):
         """The status line can go out now."""
         ...
 
-    async def handoff(self) -> Handoff | None:
+    async def hand_off_target(self) -> Handoff | None:
         """After `started`, when `wants_handoff`: the head written, where and how the
         worker writes text; None when it cannot (the text then comes to `tokens`)."""
         ...
 
     async def tokens(self, texts: tuple[str, ...]) -> None: ...
 
-    def lost(self, reason: str) -> NoReturn:
+    def lost(self, reason: LostReason) -> NoReturn:
         """The worker could not write to the client (`Finished.lost`): raise ClientGone."""
         ...
 
@@ -284,7 +289,7 @@ async def run_generation(
                 async with lease.generate(params, handoff=sink.wants_handoff) as gen:
                     await _relay(gen, sink, outcome, prompt_field)
             finally:  # cancelled (the client left): what the worker made still counts
-                if gen is not None and isinstance(gen.ending, Finished) and not outcome.tokens:
+                if gen is not None and isinstance(gen.ending, Finished):
                     outcome.finished(gen.ending)
     finally:
         if not granted:  # refused, timed out or gone while queued: how long it waited
@@ -302,7 +307,7 @@ async def _relay(
     await sink.started(first)
     outcome.handoff = False
     if sink.wants_handoff:
-        target = await sink.handoff()
+        target = await sink.hand_off_target()
         outcome.handoff = target is not None
         await gen.hand_off(target)
     while True:
@@ -331,13 +336,33 @@ def _naming(error: ModeldError, prompt_field: str) -> ModeldError:
     return error
 
 
-async def hand_off(res: Responder, prefix: str, suffix: str, *, join: bool) -> Handoff | None:
-    """The head written, the `Handoff` for a worker to write text events to `res`'s socket."""
-    got = await res.hand_off()
-    if got is None:
-        return None
-    fd, chunked = got
-    return Handoff(fd, prefix, suffix, join, chunked, res.send_timeout_s)
+class ResponderSink:
+    """What the generating endpoints' sinks share: the Responder, streaming or not, the
+    texts of an answer that is not streamed, and the handoff of a stream."""
+
+    def __init__(self, res: Responder, stream: bool) -> None:
+        self.res = res
+        self.stream = stream
+        self.texts: list[str] = []
+
+    @property
+    def wants_handoff(self) -> bool:
+        return self.stream and self.res.can_hand_off
+
+    def text_frame(self) -> tuple[str, str, bool]:
+        """One text event on the wire: (prefix, suffix, join), see `Handoff`."""
+        raise NotImplementedError
+
+    async def hand_off_target(self) -> Handoff | None:
+        got = await self.res.hand_off()
+        if got is None:
+            return None
+        fd, chunked = got
+        prefix, suffix, join = self.text_frame()
+        return Handoff(fd, prefix, suffix, join, chunked, self.res.send_timeout_s)
+
+    def lost(self, reason: LostReason) -> NoReturn:
+        self.res.lost(reason)
 
 
 class Framer:
@@ -360,34 +385,25 @@ class Framer:
         return "".join([prefix + encode_string(t) + suffix for t in texts]).encode()
 
 
-class InferSink:
+class InferSink(ResponderSink):
     """/infer's answer: ndjson or SSE events when streaming, one JSON object when not."""
 
     def __init__(
         self, res: Responder, spec: ModelSpec, stream: bool, framer: Framer, outcome: Outcome
     ) -> None:
-        self.res = res
+        super().__init__(res, stream)
         self.spec = spec
-        self.stream = stream
         self.framer = framer
         self.outcome = outcome
-        self.texts: list[str] = []
 
-    @property
-    def wants_handoff(self) -> bool:
-        return self.stream and self.res.can_hand_off
+    def text_frame(self) -> tuple[str, str, bool]:
+        return (*self.framer.token_frame, False)
 
     async def started(self, event: Started) -> None:
         if self.stream:
             await self.res.start(
                 200, [("Content-Type", self.framer.content_type), ("Cache-Control", "no-cache")]
             )
-
-    async def handoff(self) -> Handoff | None:
-        return await hand_off(self.res, *self.framer.token_frame, join=False)
-
-    def lost(self, reason: str) -> NoReturn:
-        self.res.lost(reason)
 
     async def tokens(self, texts: tuple[str, ...]) -> None:
         if self.stream:

@@ -21,14 +21,14 @@ import time
 import urllib.parse
 import uuid
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from modeld.api.app import App, AppState
 from modeld.api.infer import (
     SSE,
     Outcome,
+    ResponderSink,
     encode_string,
-    hand_off,
     resolve_model,
     run_generation,
     track_request,
@@ -38,7 +38,7 @@ from modeld.chat_template import ChatTemplateError, template_stops
 from modeld.errors import ModeldError, ModelNotFound
 from modeld.http.protocol import Request
 from modeld.http.server import Responder
-from modeld.manager.backend import Finished, GenParams, Handoff, LoadedInfo, Started
+from modeld.manager.backend import Finished, GenParams, LoadedInfo, Started
 from modeld.registry import ModelSpec
 
 log = logging.getLogger("modeld.api")
@@ -128,18 +128,15 @@ class Envelope:
         return {**self._object(kind, [choice]), "usage": usage(event)}
 
 
-class OpenAISink:
+class OpenAISink(ResponderSink):
     """Writes one generation's events as OpenAI objects (a `GenerationSink`)."""
 
     def __init__(self, res: Responder, envelope: Envelope, stream: bool) -> None:
-        self.res = res
+        super().__init__(res, stream)
         self.envelope = envelope
-        self.stream = stream
-        self.texts: list[str] = []
 
-    @property
-    def wants_handoff(self) -> bool:
-        return self.stream and self.res.can_hand_off
+    def text_frame(self) -> tuple[str, str, bool]:
+        return (*self.envelope.text_frame(), True)  # one chunk per write, texts joined
 
     async def started(self, event: Started) -> None:
         if not self.stream:
@@ -147,12 +144,6 @@ class OpenAISink:
         await self.res.start(200, [("Content-Type", SSE), ("Cache-Control", "no-cache")])
         if self.envelope.chat:
             await self.res.send(self.envelope.chunk("", role=True))
-
-    async def handoff(self) -> Handoff | None:
-        return await hand_off(self.res, *self.envelope.text_frame(), join=True)
-
-    def lost(self, reason: str) -> NoReturn:
-        self.res.lost(reason)
 
     async def tokens(self, texts: tuple[str, ...]) -> None:
         if self.stream:

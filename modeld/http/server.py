@@ -6,6 +6,12 @@ While the handler runs, a watcher task keeps reading the socket: if the client g
 the handler's cancel scope is cancelled, so a queued request leaves its queue and a
 running generation is stopped. The handler answers through a `Responder`, whose writes
 have a deadline, so a client that stops reading cannot hold a generation forever.
+
+A streamed body may be written by another process: `Responder.hand_off` writes the head
+and lends the socket's fd to the model's worker (`modeld.worker.output`), and nothing
+else is written until the worker reports the end; `Responder.lost` turns a client the
+worker could not write to (gone, stalled, torn) into `ClientGone`, which closes the
+connection.
 """
 
 from __future__ import annotations
@@ -79,7 +85,8 @@ class Responder:
             return
         if self._sock is not None:
             # Straight into the socket buffer when it has room: a token event then costs
-            # one system call and no trip through the event loop. Only this writes here.
+            # one system call and no trip through the event loop. Nothing else in the
+            # daemon writes to the socket (a worker may, between `hand_off` and its end).
             try:
                 sent = self._sock.send(data)
             except BlockingIOError:
@@ -89,8 +96,8 @@ class Responder:
             if sent == len(data):
                 return
             data = data[sent:]
-        # The socket buffer is full (or a TCP write): a client that reads nothing for the
-        # send timeout is dropped. Only these writes pay for a timer.
+        # The socket buffer is full (or the stream is no plain socket): a client that reads
+        # nothing for the send timeout is dropped. Only these writes pay for a timer.
         try:
             with anyio.fail_after(self._limits.send_timeout_s):
                 await self._stream.send(data)
@@ -135,7 +142,8 @@ class Responder:
         raise ClientGone("the client went away") from None
 
     async def start(self, status: int, headers: list[tuple[str, str]]) -> None:
-        """Decide the status; the head goes out with the first body bytes, in one write."""
+        """Decide the status; the head goes out with the first body bytes, in one write
+        (or alone, at `hand_off`)."""
         self.started = True
         self.status = status
         self._head = self._conn.start_response(status, headers)

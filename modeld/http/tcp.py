@@ -50,7 +50,7 @@ class TCPStream(anyio.abc.SocketStream):
                 await anyio.wait_readable(self._sock)
                 continue
             except OSError as exc:
-                raise self._error(exc) from exc
+                raise self._error() from exc
             if not data:
                 raise anyio.EndOfStream
             return data
@@ -65,13 +65,13 @@ class TCPStream(anyio.abc.SocketStream):
                 self._check_open()
                 await anyio.wait_writable(self._sock)
             except OSError as exc:
-                raise self._error(exc) from exc
+                raise self._error() from exc
 
     async def send_eof(self) -> None:
         try:
             self._sock.shutdown(socket.SHUT_WR)
         except OSError as exc:
-            raise self._error(exc) from exc
+            raise self._error() from exc
 
     async def aclose(self) -> None:
         if not self._closed:
@@ -84,7 +84,7 @@ class TCPStream(anyio.abc.SocketStream):
         if self._closed:
             raise anyio.ClosedResourceError
 
-    def _error(self, exc: OSError) -> Exception:
+    def _error(self) -> Exception:
         return anyio.ClosedResourceError() if self._closed else anyio.BrokenResourceError()
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 from modeld.errors import ModeldError
 
@@ -43,6 +43,9 @@ class Tokens:
     texts: tuple[str, ...]
 
 
+LostReason = Literal["gone", "stalled", "torn"]  # why a client could not be written to
+
+
 @dataclass(frozen=True)
 class Finished:
     finish_reason: str  # stop | length | cancelled
@@ -51,7 +54,7 @@ class Finished:
     decode_ms: float = 0.0  # first token to last, timed in the worker
     # A handed-off generation (see `Handoff`) whose client could not be written to:
     # gone, stalled or torn (cut halfway through a write). The response cannot be ended.
-    lost: str | None = None
+    lost: LostReason | None = None
     first_at: float | None = None  # when the first token was made (time.monotonic)
 
 

@@ -14,6 +14,7 @@ a worker, and its generations, are `modeld.worker.model`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ import subprocess
 import sys
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 import anyio
 import anyio.abc
@@ -42,6 +43,8 @@ from modeld.manager.backend import (
     Failed,
     Finished,
     GenEvent,
+    Handoff,
+    LostReason,
     Started,
     Tokens,
 )
@@ -225,15 +228,20 @@ class WorkerProcess:
             self._active[rid] = channel
         return channel
 
-    async def hand_off(self, rid: int, out: dict[str, Any], fd: int | None) -> None:
-        """Send the `out` op of a generation that asked for a handoff: its text goes to the
-        client socket `fd` (framed as `out` says), or with None, through the pipe."""
+    async def hand_off(self, rid: int, target: Handoff | None) -> None:
+        """Send the `out` op of a generation that asked for a handoff: its text goes onto
+        the target's socket (the worker gets a copy of the fd), or with None, through the
+        pipe."""
         if rid not in self._active:  # ended already (an unload, the worker gone)
-            fd = None
-        if fd is not None:
-            self._handed_off.add(rid)
-        message = {"op": "out", "id": rid, "sock": fd is not None, **out}
-        if not await self.send_quietly(message, fd):
+            target = None
+        message: dict[str, Any] = {"op": "out", "id": rid, "sock": target is not None}
+        if target is None:
+            await self.send_quietly(message)
+            return
+        self._handed_off.add(rid)
+        fields = dataclasses.asdict(target)
+        fd = fields.pop("fd")
+        if not await self.send_quietly({**message, **fields}, fd):
             self._handed_off.discard(rid)
 
     def close_stream(self, rid: int) -> None:
@@ -343,7 +351,7 @@ class WorkerProcess:
                 int(msg["prompt_tokens"]),
                 int(msg["completion_tokens"]),
                 float(msg.get("gen_ms", 0.0)),
-                lost=lost if isinstance(lost, str) else None,
+                lost=lost if lost in get_args(LostReason) else None,
                 first_at=float(first_at) if isinstance(first_at, int | float) else None,
             )
         code = str(msg.get("code"))

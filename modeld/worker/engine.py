@@ -24,7 +24,7 @@ import llama_cpp.llama_cpp as llama
 from modeld.worker import STREAM_INTERVAL_MS, llama_log
 from modeld.worker.events import done_event, error_event
 from modeld.worker.memory import accounted_mb, logged_ctx_bytes, rss_mb
-from modeld.worker.output import ClientLost, HandoffOut, PipeOut
+from modeld.worker.output import ClientLost, Out, PipeOut
 from modeld.worker.textstream import TextStream
 
 __all__ = [
@@ -56,9 +56,6 @@ class Sink(Protocol):
     """Where protocol events go: all events of one call are written together."""
 
     def send(self, *events: dict[str, Any]) -> None: ...
-
-
-Out = PipeOut | HandoffOut  # where generated text goes (modeld.worker.output)
 
 
 class CancelFlag:
@@ -336,10 +333,12 @@ class Engine:
                 chunk = (llama.llama_token * n).from_buffer(tokens, start * TOKEN_BYTES)
                 with llama_log.held() as errors:
                     rc: int = llama.llama_decode(ctx, llama.llama_batch_get_one(chunk, n))
-                if rc == DECODE_ABORTED and not cancel.cancelled:  # for fewer threads
+                    stopped = rc == DECODE_ABORTED and not cancel.cancelled  # for fewer threads
+                    if stopped:
+                        errors.drop()
+                if stopped:
                     start = llama.llama_memory_seq_pos_max(mem, 0) + 1
                     continue
-                llama_log.release(errors)
                 if rc != 0:
                     return rc
                 start += n
@@ -388,7 +387,7 @@ class Engine:
                 if not out.ready:  # handed off: the daemon has not yet said where text goes
                     waited = clock()
                     out.wait_ready()
-                    if not cancel.cancelled:  # not decoding: its text reaches the client now
+                    if not cancel.cancelled:  # waiting for the daemon is no decode time
                         waited = clock() - waited
                         t_first, first_at = t_first + waited, first_at + waited
                 now = clock()

@@ -4,7 +4,7 @@ llama.cpp writes its logs through one process-wide callback. Ours keeps the work
 (errors only, to stderr, which the daemon keeps for its debug log) unless
 `MODELD_WORKER_DEBUG=1`, and can capture what a call logs: a context's buffer sizes are
 only reported that way. The errors of a call that may fail on purpose (a prompt decode
-stopped to be redone with fewer threads) can be held back and dropped.
+stopped to go on with fewer threads) can be held back and dropped.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import llama_cpp.llama_cpp as llama
 
-__all__ = ["captured", "held", "init_backend", "release"]
+__all__ = ["Held", "captured", "held", "init_backend"]
 
 LOG_ERROR_LEVEL = 4  # GGML_LOG_LEVEL_ERROR: the only llama.cpp logs kept when not debugging
 LOG_CONT_LEVEL = 5  # GGML_LOG_LEVEL_CONT: continuation of the previous message
@@ -72,22 +72,31 @@ def captured() -> Iterator[list[bytes]]:
             log.capture = None
 
 
+class Held:
+    """Errors kept back by `held`: written when the block ends, unless dropped."""
+
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []
+        self.dropped = False
+
+    def drop(self) -> None:
+        """The call failed as expected: its errors are not worth a line."""
+        self.dropped = True
+
+
 @contextmanager
-def held() -> Iterator[list[bytes]]:
-    """The errors llama.cpp logs inside the block, kept back instead of written (when not
-    debugging): for a call whose failure may be expected; `release` writes them after all."""
-    lines: list[bytes] = []
+def held() -> Iterator[Held]:
+    """Keep back the errors llama.cpp logs inside the block (when not debugging), for a
+    call that may fail on purpose; they are written at its end unless `drop`ped."""
+    kept = Held()
     log = _log
     if log is not None:
-        log.held = lines
+        log.held = kept.lines
     try:
-        yield lines
+        yield kept
     finally:
         if log is not None:
             log.held = None
-
-
-def release(lines: list[bytes]) -> None:
-    """Write errors kept back by `held`."""
-    for text in lines:
-        os.write(2, text)
+        if not kept.dropped:
+            for text in kept.lines:
+                os.write(2, text)

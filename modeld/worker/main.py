@@ -43,16 +43,16 @@ from modeld.worker.engine import (
 )
 from modeld.worker.events import error_event
 from modeld.worker.llama_log import init_backend
-from modeld.worker.output import HandoffOut, parse_out
+from modeld.worker.output import HandoffOut, OutFormat, parse_out
 
 __all__ = ["Channel", "main", "parse_generate", "parse_load"]
 
 READ_CHUNK = 1 << 16  # bytes per read of stdin; requests are small
 MAX_FDS = 8  # fds one read of stdin can carry (the daemon sends one per `out` op)
+SIZEOF_INT = array.array("i").itemsize  # an fd in SCM_RIGHTS data
 EXIT_LOAD_FAILED = 1  # exit status after `load_failed`
 EXIT_PIPE_GONE = 3  # exit status when the protocol pipe is closed (the daemon is gone)
 _SHUTDOWN = object()  # queue item: leave the main loop
-SIZEOF_INT = array.array("i").itemsize  # an fd in SCM_RIGHTS data
 MAX_THREADS = 4096  # a `threads` op above this is a bug in the daemon
 
 
@@ -181,6 +181,15 @@ def parse_generate(obj: dict[str, Any]) -> GenerateSpec:
 # ---- the worker ----------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Current:
+    """The generate queued or running: its id, cancel flag and (handed off) text output."""
+
+    rid: int
+    flag: CancelFlag
+    out: HandoffOut | None
+
+
 class Worker:
     """Owns the request queue, the running request's cancel flag and the engine."""
 
@@ -188,8 +197,7 @@ class Worker:
         self._chan = chan
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._lock = threading.Lock()
-        # The queued or running generate: its id, cancel flag and (handed off) text output.
-        self._current: tuple[int, CancelFlag, HandoffOut | None] | None = None
+        self._current: _Current | None = None  # the generate queued or running
         self._fds: deque[int] = deque()  # received with stdin, for `out` ops still to read
         self._engine: Engine | None = None
         self._template = ChatTemplate(None)  # the loaded model's, for chats
@@ -277,32 +285,35 @@ class Worker:
 
     def _out(self, obj: dict[str, Any]) -> None:
         """Where a handed-off generation's text goes: the fd that came with the op, or the pipe."""
-        fd = self._fds.popleft() if obj.get("sock") is True and self._fds else None
-        try:
-            fmt = parse_out(obj) if fd is not None else None
-        except ValueError as exc:
-            _log(f"bad out op ({exc}): using the pipe")
-            fmt = None
+        target: tuple[int, OutFormat] | None = None
+        if obj.get("sock") is True:
+            if not self._fds:
+                _log("an out op without its fd: using the pipe")
+            else:
+                fd = self._fds.popleft()
+                try:
+                    target = (fd, parse_out(obj))
+                except ValueError as exc:
+                    _log(f"bad out op ({exc}): using the pipe")
+                    os.close(fd)
         with self._lock:
             current = self._current
-        if current is not None and current[0] == obj.get("id") and current[2] is not None:
-            current[2].decide(fd if fmt is not None else None, fmt)
-            if fmt is not None:
-                return
-        if fd is not None:  # not wanted (the generation has ended, or a bad op): let it go
-            os.close(fd)
+        if current is not None and current.rid == obj.get("id") and current.out is not None:
+            current.out.decide(target)  # it owns the fd now
+        elif target is not None:  # the generation has ended: let the fd go
+            os.close(target[0])
 
     def _cancel(self, rid: object) -> None:
         with self._lock:
-            if self._current is not None and self._current[0] == rid:
+            if self._current is not None and self._current.rid == rid:
                 self._cancel_current()
 
     def _cancel_current(self) -> None:
         """(Under the lock.) Stop the current generation, and its wait for an `out` op."""
         assert self._current is not None
-        self._current[1].cancelled = True
-        if self._current[2] is not None:
-            self._current[2].abandon()
+        self._current.flag.cancelled = True
+        if self._current.out is not None:
+            self._current.out.abandon()
 
     def _stop_everything(self) -> None:
         """Shutdown or EOF: cancel the running request, then leave; a load is not waited for."""
@@ -330,7 +341,7 @@ class Worker:
         with self._lock:
             busy = self._current is not None
             if not busy:
-                self._current = (rid, flag, out)
+                self._current = _Current(rid, flag, out)
         if busy:
             self._chan.send(error_event(rid, "busy", "another generation is running"))
             return
@@ -407,12 +418,12 @@ class Worker:
         except Exception as exc:  # a bug here must end the request, not the worker
             traceback.print_exc()
             with self._lock:
-                unanswered = self._current is not None and self._current[1] is flag
+                unanswered = self._current is not None and self._current.flag is flag
             if unanswered:
                 self.send(error_event(spec.id, "generation_failed", f"worker error: {exc!r}"))
         finally:
             with self._lock:
-                if self._current is not None and self._current[1] is flag:
+                if self._current is not None and self._current.flag is flag:
                     self._current = None
             if out is not None:
                 out.close()  # whatever ended the generation, the client's socket is let go

@@ -54,17 +54,7 @@ class WorkerGeneration:
         return event
 
     async def hand_off(self, target: Handoff | None) -> None:
-        if target is None:
-            await self._worker.hand_off(self._rid, {}, None)
-            return
-        out = {
-            "prefix": target.prefix,
-            "suffix": target.suffix,
-            "join": target.join,
-            "chunked": target.chunked,
-            "timeout_s": target.timeout_s,
-        }
-        await self._worker.hand_off(self._rid, out, target.fd)
+        await self._worker.hand_off(self._rid, target)
 
 
 class WorkerModel:

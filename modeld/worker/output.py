@@ -2,7 +2,7 @@
 
 Theory of operation: by default text leaves as `tokens` events on the protocol pipe and
 the daemon frames and forwards them, which costs the daemon an event-loop wake-up per
-write. A streamed response on a Unix socket skips that hop: the `generate` op says `handoff`, and
+write. A streamed response skips that hop: the `generate` op says `handoff`, and
 once the daemon has written the response head it sends an `out` op carrying a copy of
 the client socket's fd (SCM_RIGHTS) and how to frame each text (the JSON text goes between a
 prefix and a suffix; HTTP chunked or raw). The worker then writes text events straight
@@ -28,26 +28,46 @@ import os
 import select
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
+
+from modeld.manager.backend import LostReason
 
 if TYPE_CHECKING:
     from modeld.worker.engine import CancelFlag
 
-__all__ = ["ClientLost", "HandoffOut", "OutFormat", "PipeOut", "parse_out"]
+__all__ = ["ClientLost", "HandoffOut", "Out", "OutFormat", "PipeOut", "parse_out"]
 
 WAIT_SLICE_S = 0.05  # a blocked write looks at the cancel flag this often
 DECISION_TIMEOUT_S = 30.0  # an `out` op later than this: the daemon is stuck; use the pipe
 encode_string = json.encoder.encode_basestring  # JSON string literal, in C
 
-Send = Callable[..., None]  # the protocol channel's send(*events)
+
+class Send(Protocol):
+    """The protocol channel: events written together, in one go."""
+
+    def __call__(self, *events: dict[str, Any]) -> None: ...
+
+
+class Out(Protocol):
+    """Where a generation's text goes (the engine's decode loop writes to it)."""
+
+    ready: bool  # text may be written now (read at every token: a plain attribute)
+
+    def wait_ready(self) -> None:
+        """Block until text may be written (or the generation is cancelled)."""
+
+    def write(self, texts: list[str]) -> None:
+        """Write texts now; ClientLost when the client cannot take them."""
+
+    def finish(self, texts: list[str], last: dict[str, Any]) -> None:
+        """The last texts, then `last` (done or error) on the protocol channel."""
 
 
 class ClientLost(Exception):
     """Writing to the client failed; `reason` is gone, stalled or torn."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: LostReason) -> None:
         super().__init__(reason)
         self.reason = reason
 
@@ -117,19 +137,20 @@ class HandoffOut:
         self._fd: int | None = None
         self._format: OutFormat | None = None
         self.ready = False  # set once the `out` op has come (read every token: a plain bool)
-        self.lost: str | None = None  # why the client can no longer be written to
+        self.lost: LostReason | None = None  # why the client can no longer be written to
 
     # -- the reader thread --
 
-    def decide(self, fd: int | None, fmt: OutFormat | None) -> None:
-        """The `out` op: write to fd with fmt, or (fd None) to the pipe."""
+    def decide(self, target: tuple[int, OutFormat] | None) -> None:
+        """The `out` op: write to the fd (which this now owns) framed so, or with None, to
+        the pipe."""
         with self._lock:
             if self._decided.is_set():  # too late: the generation is over
-                if fd is not None:
-                    os.close(fd)
+                if target is not None:
+                    os.close(target[0])
                 return
-            if fd is not None and fmt is not None:
-                self._fd, self._format = fd, fmt
+            if target is not None:
+                self._fd, self._format = target
             self.ready = True
             self._decided.set()
 
@@ -210,6 +231,6 @@ class HandoffOut:
             poller.register(fd, select.POLLOUT)
             poller.poll(WAIT_SLICE_S * 1000)
 
-    def _lose(self, reason: str) -> NoReturn:
+    def _lose(self, reason: LostReason) -> NoReturn:
         self.lost = reason
         raise ClientLost(reason)

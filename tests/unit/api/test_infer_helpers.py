@@ -18,6 +18,7 @@ from modeld.api.infer import (
 )
 from modeld.errors import GenerationFailed, ModelNotFound, PromptTooLong
 from modeld.http.protocol import Request
+from modeld.manager.backend import Finished
 from modeld.registry import Registry
 from tests.conftest import ModelStore
 
@@ -66,8 +67,8 @@ def test_a_long_list_is_cut_short(model_store: ModelStore, tmp_path: Path) -> No
 # ---- the request log line ---------------------------------------------------------------------
 
 
-def request_with(body: bytes) -> Request:
-    return Request("POST", "/infer", "/infer", "", (), body)
+def request_with(body: bytes, received_at: float = 100.0) -> Request:
+    return Request("POST", "/infer", "/infer", "", (), body, received_at=received_at)
 
 
 @pytest.mark.parametrize(
@@ -111,6 +112,22 @@ def test_decode_time_of_a_generation_cut_short_is_what_the_daemon_saw(
     outcome.tokens_arrived(2000)
     assert outcome.tokens == 2001 and outcome.ttft_ms is not None
     assert outcome.decode_time_ms() == 1500.0
+
+
+def test_a_handed_off_generation_is_timed_by_the_worker(clock: list[float]) -> None:
+    """Its text went straight to the client: first token and decode time are the worker's."""
+    outcome = Outcome(request_with(b"{}"))  # received at 100.0
+    outcome.finished(Finished("length", 5, 64, decode_ms=630.0, first_at=100.25))
+    assert (outcome.tokens, outcome.ttft_ms, outcome.decode_time_ms()) == (64, 250.0, 630.0)
+    outcome.finished(Finished("length", 5, 1, decode_ms=1.0, first_at=101.0))  # once only
+    assert outcome.tokens == 64
+
+
+def test_a_handed_off_generation_cut_short_still_has_its_figures(clock: list[float]) -> None:
+    outcome = Outcome(request_with(b"{}"))
+    outcome.finished(Finished("cancelled", 5, 40, decode_ms=400.0, first_at=100.1, lost="gone"))
+    assert outcome.tokens == 40 and outcome.ttft_ms == 100.0
+    assert outcome.decode_time_ms() == 400.0  # first to last token, as the worker saw them
 
 
 # ---- prompt_too_long names the field ---------------------------------------------------------

@@ -17,18 +17,19 @@ def test_only_errors_are_written_when_not_debugging(capfd: pytest.CaptureFixture
     assert capfd.readouterr().err == "an error continued\n"
 
 
-def test_held_errors_are_dropped_or_released(
+def test_held_errors_are_written_at_the_end_unless_dropped(
     capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     log = llama_log._LlamaLog(debug=False)
     monkeypatch.setattr(llama_log, "_log", log)
-    with llama_log.held() as dropped:
+    with llama_log.held() as expected:
         log._on_log(ERROR, b"decode aborted\n", None)
-    with llama_log.held() as kept:
+        assert capfd.readouterr().err == ""  # nothing written while held
+        expected.drop()
+    assert capfd.readouterr().err == ""
+    with llama_log.held():
         log._on_log(ERROR, b"a real failure\n", None)
-    assert capfd.readouterr().err == ""  # nothing written while held
-    assert dropped == [b"decode aborted\n"]
-    llama_log.release(kept)
+        assert capfd.readouterr().err == ""
     log._on_log(ERROR, b"later\n", None)  # no longer held
     assert capfd.readouterr().err == "a real failure\nlater\n"
 
@@ -38,7 +39,8 @@ def test_debugging_writes_everything_at_once(
 ) -> None:
     log = llama_log._LlamaLog(debug=True)
     monkeypatch.setattr(llama_log, "_log", log)
-    with llama_log.held() as lines:
+    with llama_log.held() as kept:
         log._on_log(WARN, b"w\n", None)
         log._on_log(ERROR, b"e\n", None)
-    assert lines == [] and capfd.readouterr().err == "w\ne\n"
+        kept.drop()
+    assert kept.lines == [] and capfd.readouterr().err == "w\ne\n"

@@ -43,7 +43,7 @@ def handed(
 ) -> tuple[HandoffOut, Events]:
     events = Events()
     out = HandoffOut(events.send, 7, flag)
-    out.decide(pair[1].dup().detach(), fmt)
+    out.decide((pair[1].dup().detach(), fmt))
     return out, events
 
 
@@ -54,6 +54,19 @@ def read_all(sock: socket.socket) -> bytes:
         try:
             chunk = sock.recv(65536)
         except TimeoutError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
+def read_all_nonblocking(sock: socket.socket) -> bytes:
+    sock.setblocking(False)
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except BlockingIOError:
             return data
         if not chunk:
             return data
@@ -113,7 +126,7 @@ def test_a_handoff_answered_with_no_socket_uses_the_pipe() -> None:
     events = Events()
     out = HandoffOut(events.send, 3, CancelFlag())
     assert not out.ready  # text is held until the daemon says where it goes
-    out.decide(None, None)
+    out.decide(None)
     assert out.ready
     out.write(["a"])
     out.finish([], {"ev": "done", "id": 3})
@@ -136,19 +149,6 @@ def test_text_goes_onto_the_socket_and_only_the_ending_to_the_pipe(
     assert read_all_nonblocking(pair[0]) == NDJSON.frame(["a"]) + NDJSON.frame(["b"])
 
 
-def read_all_nonblocking(sock: socket.socket) -> bytes:
-    sock.setblocking(False)
-    data = b""
-    while True:
-        try:
-            chunk = sock.recv(65536)
-        except BlockingIOError:
-            return data
-        if not chunk:
-            return data
-        data += chunk
-
-
 def test_the_worker_lets_go_of_the_socket_when_it_finishes(
     pair: tuple[socket.socket, socket.socket],
 ) -> None:
@@ -164,7 +164,7 @@ def test_a_generation_quicker_than_the_out_op_waits_for_it(
     events = Events()
     out = HandoffOut(events.send, 7, CancelFlag())
     fd = pair[1].dup().detach()
-    threading.Timer(0.1, out.decide, (fd, NDJSON)).start()
+    threading.Timer(0.1, out.decide, ((fd, NDJSON),)).start()
     out.finish(["a"], {"ev": "done", "id": 7})
     assert read_all_nonblocking(pair[0]) == NDJSON.frame(["a"])
     assert events.calls == [({"ev": "done", "id": 7},)]
@@ -177,7 +177,7 @@ def test_an_out_op_after_the_end_is_let_go() -> None:
     out.finish([], {"ev": "done", "id": 7})
     a, b = socket.socketpair()
     with a, b:
-        out.decide(b.dup().detach(), NDJSON)  # closed at once, not kept
+        out.decide((b.dup().detach(), NDJSON))  # closed at once, not kept
         b.close()
         assert read_all(a) == b""
 
