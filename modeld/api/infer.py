@@ -242,9 +242,15 @@ class GenerationSink(Protocol):
         """The status line can go out now."""
         ...
 
-    async def hand_off_target(self) -> Handoff | None:
-        """After `started`, when `wants_handoff`: the head written, where and how the
-        worker writes text; None when it cannot (the text then comes to `tokens`)."""
+    @property
+    def handed_off(self) -> bool:
+        """Whether `hand_off_target` gave a target (the worker writes the response)."""
+        ...
+
+    def hand_off_target(self) -> Handoff | None:
+        """When `wants_handoff`, before the generation starts: where and how the worker
+        writes the response (its head included); None when it cannot (the daemon then
+        writes it, with the text from `tokens`)."""
         ...
 
     async def tokens(self, texts: tuple[str, ...]) -> None: ...
@@ -286,7 +292,8 @@ async def run_generation(
                 params = await params(lease.model.info)
             gen: Generation | None = None
             try:
-                async with lease.generate(params, handoff=sink.wants_handoff) as gen:
+                handoff = sink.hand_off_target() if sink.wants_handoff else None
+                async with lease.generate(params, handoff=handoff) as gen:
                     await _relay(gen, sink, outcome, prompt_field)
             finally:  # cancelled (the client left): what the worker made still counts
                 if gen is not None and isinstance(gen.ending, Finished):
@@ -305,11 +312,7 @@ async def _relay(
         raise _naming(first.error, prompt_field)
     assert isinstance(first, Started)
     await sink.started(first)
-    outcome.handoff = False
-    if sink.wants_handoff:
-        target = await sink.hand_off_target()
-        outcome.handoff = target is not None
-        await gen.hand_off(target)
+    outcome.handoff = sink.handed_off
     while True:
         event = await gen.next()
         if isinstance(event, Tokens):
@@ -338,28 +341,48 @@ def _naming(error: ModeldError, prompt_field: str) -> ModeldError:
 
 class ResponderSink:
     """What the generating endpoints' sinks share: the Responder, streaming or not, the
-    texts of an answer that is not streamed, and the handoff of a stream."""
+    texts of an answer that is not streamed, and the handoff of a stream (the worker
+    writes the head that `stream_head` describes, then the text events)."""
 
     def __init__(self, res: Responder, stream: bool) -> None:
         self.res = res
         self.stream = stream
         self.texts: list[str] = []
+        self.handed_off = False
 
     @property
     def wants_handoff(self) -> bool:
         return self.stream and self.res.can_hand_off
 
+    def stream_head(self) -> tuple[list[tuple[str, str]], bytes]:
+        """A stream's headers, and the body bytes that go before any text (may be b'')."""
+        raise NotImplementedError
+
     def text_frame(self) -> tuple[str, str, bool]:
         """One text event on the wire: (prefix, suffix, join), see `Handoff`."""
         raise NotImplementedError
 
-    async def hand_off_target(self) -> Handoff | None:
-        got = await self.res.hand_off()
+    def hand_off_target(self) -> Handoff | None:
+        headers, first = self.stream_head()
+        got = self.res.prepare_hand_off(200, headers, first)
         if got is None:
             return None
-        fd, chunked = got
+        fd, preamble, chunked = got
         prefix, suffix, join = self.text_frame()
-        return Handoff(fd, prefix, suffix, join, chunked, self.res.send_timeout_s)
+        self.handed_off = True
+        return Handoff(fd, prefix, suffix, join, chunked, self.res.send_timeout_s, preamble)
+
+    async def started(self, event: Started) -> None:
+        """Start a stream's response (a handed-off one's head is out already)."""
+        if not self.stream:
+            return
+        headers, first = self.stream_head()
+        if self.handed_off:
+            self.res.started_elsewhere(200, headers, first)
+            return
+        await self.res.start(200, headers)
+        if first:
+            await self.res.send(first)
 
     def lost(self, reason: LostReason) -> NoReturn:
         self.res.lost(reason)
@@ -399,11 +422,8 @@ class InferSink(ResponderSink):
     def text_frame(self) -> tuple[str, str, bool]:
         return (*self.framer.token_frame, False)
 
-    async def started(self, event: Started) -> None:
-        if self.stream:
-            await self.res.start(
-                200, [("Content-Type", self.framer.content_type), ("Cache-Control", "no-cache")]
-            )
+    def stream_head(self) -> tuple[list[tuple[str, str]], bytes]:
+        return [("Content-Type", self.framer.content_type), ("Cache-Control", "no-cache")], b""
 
     async def tokens(self, texts: tuple[str, ...]) -> None:
         if self.stream:

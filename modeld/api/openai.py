@@ -38,7 +38,7 @@ from modeld.chat_template import ChatTemplateError, template_stops
 from modeld.errors import ModeldError, ModelNotFound
 from modeld.http.protocol import Request
 from modeld.http.server import Responder
-from modeld.manager.backend import Finished, GenParams, LoadedInfo, Started
+from modeld.manager.backend import Finished, GenParams, LoadedInfo
 from modeld.registry import ModelSpec
 
 log = logging.getLogger("modeld.api")
@@ -138,12 +138,9 @@ class OpenAISink(ResponderSink):
     def text_frame(self) -> tuple[str, str, bool]:
         return (*self.envelope.text_frame(), True)  # one chunk per write, texts joined
 
-    async def started(self, event: Started) -> None:
-        if not self.stream:
-            return
-        await self.res.start(200, [("Content-Type", SSE), ("Cache-Control", "no-cache")])
-        if self.envelope.chat:
-            await self.res.send(self.envelope.chunk("", role=True))
+    def stream_head(self) -> tuple[list[tuple[str, str]], bytes]:
+        role = self.envelope.chunk("", role=True) if self.envelope.chat else b""
+        return [("Content-Type", SSE), ("Cache-Control", "no-cache")], role
 
     async def tokens(self, texts: tuple[str, ...]) -> None:
         if self.stream:

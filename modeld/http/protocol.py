@@ -149,6 +149,7 @@ class ServerConnection:
         self._between = True  # no byte of the next request yet: blank lines are skipped
         self._body: list[bytes] = []
         self._body_size = 0
+        self._answering: h11.Request | None = None  # the head of the request being answered
 
     def _new_h11(self) -> h11.Connection:
         return h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_head_bytes)
@@ -255,6 +256,7 @@ class ServerConnection:
             received_at=self._head_at,
             authority=authority,
         )
+        self._answering = head  # for `preview_response`
         self._head, self._body, self._body_size = None, [], 0
         self._seen = None
         return request
@@ -273,6 +275,9 @@ class ServerConnection:
     def start_response(
         self, status: int, headers: list[tuple[str, str]], *, close: bool = False
     ) -> bytes:
+        return self._h11.send(self._response(status, headers, close)) or b""
+
+    def _response(self, status: int, headers: list[tuple[str, str]], close: bool) -> h11.Response:
         all_headers = [SERVER_HEADER, *headers]
         if close or self._h11.their_state is h11.ERROR or self._head is not None:
             all_headers.append(("Connection", "close"))
@@ -280,8 +285,32 @@ class ServerConnection:
             reason = HTTPStatus(status).phrase.encode()
         except ValueError:
             reason = b""
-        response = h11.Response(status_code=status, headers=all_headers, reason=reason)
-        return self._h11.send(response) or b""
+        return h11.Response(status_code=status, headers=all_headers, reason=reason)
+
+    def preview_response(
+        self, status: int, headers: list[tuple[str, str]], body: bytes = b""
+    ) -> tuple[bytes, bool]:
+        """What `start_response(status, headers)` and then `data(body)` will produce, and
+        whether the body goes out in chunks, without starting the response: so another
+        process can write them first (`Responder.prepare_hand_off`). A fresh h11 connection is
+        fed the request's head again (its body does not change the answer's head)."""
+        head = self._answering
+        assert head is not None, "no request is being answered"
+        version = head.http_version.decode("ascii")
+        lines = [b"%s %s HTTP/%s" % (head.method, head.target, version.encode())]
+        lines += [
+            name + b": " + value
+            for name, value in head.headers
+            if name not in (b"content-length", b"transfer-encoding", b"expect")
+        ]
+        scratch = self._new_h11()
+        scratch.receive_data(b"\r\n".join(lines) + b"\r\n\r\n")
+        while not isinstance(scratch.next_event(), h11.EndOfMessage):
+            pass
+        out = scratch.send(self._response(status, headers, False)) or b""
+        if body:
+            out += scratch.send(h11.Data(data=body)) or b""
+        return out, scratch.send(h11.Data(data=b"x")) != b"x"
 
     def data(self, data: bytes) -> bytes:
         if not data or self._head_only:  # HEAD: the Content-Length says what GET would send
@@ -328,6 +357,7 @@ class ServerConnection:
             # start_next_cycle(): so blank lines before a pipelined request are skipped too.
             pending, closed = self._h11.trailing_data
             self._h11 = self._new_h11()
+            self._answering = None
             self._head_only = False  # a refusal before the next head must carry its body
             self._between = True
             if pending:

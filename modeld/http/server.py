@@ -7,8 +7,9 @@ the handler's cancel scope is cancelled, so a queued request leaves its queue an
 running generation is stopped. The handler answers through a `Responder`, whose writes
 have a deadline, so a client that stops reading cannot hold a generation forever.
 
-A streamed body may be written by another process: `Responder.hand_off` writes the head
-and lends the socket's fd to the model's worker (`modeld.worker.output`), and nothing
+A streamed response may be written by another process: `Responder.prepare_hand_off`
+lends the socket's fd to the model's worker with the head to write first
+(`modeld.worker.output`), `started_elsewhere` keeps h11 in step once it has, and nothing
 else is written until the worker reports the end; `Responder.lost` turns a client the
 worker could not write to (gone, stalled, torn) into `ClientGone`, which closes the
 connection.
@@ -71,7 +72,7 @@ class Responder:
         # has written is in the kernel, so it may be written to directly, and handed off.
         raw = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
         self._sock = raw if isinstance(raw, socket.socket) else None
-        self._handoff = handoff  # whether `hand_off` may be used (--stream-handoff)
+        self._handoff = handoff  # whether a worker may write a response (--stream-handoff)
         self._conn = conn
         self._limits = limits
         self.started = False
@@ -79,6 +80,7 @@ class Responder:
         self.status = 0
         self.client_gone = False
         self._head = b""  # a response head not written yet
+        self._preview = b""  # what a worker was given to write first (`prepare_hand_off`)
 
     async def _write(self, data: bytes) -> None:
         if not data:
@@ -86,7 +88,7 @@ class Responder:
         if self._sock is not None:
             # Straight into the socket buffer when it has room: a token event then costs
             # one system call and no trip through the event loop. Nothing else in the
-            # daemon writes to the socket (a worker may, between `hand_off` and its end).
+            # daemon writes to the socket (a worker may: see `prepare_hand_off`).
             try:
                 sent = self._sock.send(data)
             except BlockingIOError:
@@ -116,16 +118,27 @@ class Responder:
         plain socket, where every write of ours reaches the kernel before `send` returns)."""
         return self._handoff and self._sock is not None and not self._conn.head_only
 
-    async def hand_off(self) -> tuple[int, bool] | None:
-        """After `start`: write the head now and return the socket's fd and whether the
-        body is chunked, for a worker to write body bytes straight onto the socket; None
-        when it cannot. Nothing else may be sent until the worker has let go."""
-        if not self.can_hand_off or not self.started or self.finished:
+    def prepare_hand_off(
+        self, status: int, headers: list[tuple[str, str]], body: bytes = b""
+    ) -> tuple[int, bytes, bool] | None:
+        """For a worker to write this response onto the socket itself: the socket's fd,
+        the bytes `start(status, headers)` and `send(body)` would write first, and whether
+        the body is chunked; None when it cannot. The worker writes them, then the daemon
+        calls `started_elsewhere` and writes nothing until the worker has let go."""
+        if not self.can_hand_off or self.started:
             return None
-        head, self._head = self._head, b""
-        await self._write(head)
         assert self._sock is not None
-        return self._sock.fileno(), self._conn.body_is_chunked()
+        self._preview, chunked = self._conn.preview_response(status, headers, body)
+        return self._sock.fileno(), self._preview, chunked
+
+    def started_elsewhere(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        """The worker has written what `prepare_hand_off` previewed: start the response
+        on this side, in step with it."""
+        self.started = True
+        self.status = status
+        written = self._conn.start_response(status, headers) + self._conn.data(body)
+        if written != self._preview:  # a bug: the client got another head than h11 keeps
+            log.error("a handed-off response's head differs from the one started")
 
     def lost(self, reason: str) -> NoReturn:
         """The client cannot be written to: `gone`, `stalled` (it read nothing for the
@@ -142,8 +155,7 @@ class Responder:
         raise ClientGone("the client went away") from None
 
     async def start(self, status: int, headers: list[tuple[str, str]]) -> None:
-        """Decide the status; the head goes out with the first body bytes, in one write
-        (or alone, at `hand_off`)."""
+        """Decide the status; the head goes out with the first body bytes, in one write."""
         self.started = True
         self.status = status
         self._head = self._conn.start_response(status, headers)
@@ -251,7 +263,7 @@ async def serve_connection(
 ) -> None:
     """Serve requests on one connection until it closes; `error_body` shapes the errors
     answered before the handler sees a request (after its head, when the path is known);
-    `handoff` lets workers write streamed bodies themselves (`Responder.hand_off`)."""
+    `handoff` lets workers write streamed responses themselves (`Responder.prepare_hand_off`)."""
     conn = ServerConnection(limits)
     slots.open += 1
     try:

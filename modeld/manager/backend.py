@@ -68,11 +68,13 @@ GenEvent = Started | Tokens | Finished | Failed
 
 @dataclass(frozen=True)
 class Handoff:
-    """Where a handed-off generation writes its text: the client's socket, framed.
+    """Where a handed-off generation writes its response: the client's socket, framed.
 
-    Each text event on the wire is `prefix` + the text as a JSON string + `suffix` (with
-    `join`, one event per write carrying the texts joined); `chunked` wraps each write
-    in an HTTP/1.1 chunk. `fd` stays the caller's: the worker gets a copy.
+    Once the prompt is accepted the worker writes `preamble` (the response's head and
+    first body bytes, exactly as the daemon will start it), then says `Started`. Each
+    text event on the wire is `prefix` + the text as a JSON string + `suffix` (with
+    `join`, one event per write carrying the texts joined); `chunked` wraps each write in
+    an HTTP/1.1 chunk. `fd` stays the caller's: the worker gets a copy.
     """
 
     fd: int
@@ -81,6 +83,7 @@ class Handoff:
     join: bool
     chunked: bool
     timeout_s: float  # a write the client does not take this long: it is lost
+    preamble: bytes = b""
 
 
 class Generation(Protocol):
@@ -93,12 +96,6 @@ class Generation(Protocol):
         ...
 
     async def next(self) -> GenEvent: ...
-
-    async def hand_off(self, target: Handoff | None) -> None:
-        """For a generation started with `handoff=True`, once its `Started` is answered:
-        write text to `target` from now on (no more `Tokens`), or with None, keep sending
-        `Tokens`. Text made before this call is held until it."""
-        ...
 
 
 @dataclass(frozen=True)
@@ -120,11 +117,11 @@ class LoadedModel(Protocol):
     info: LoadedInfo
 
     def generate(
-        self, params: GenParams, *, handoff: bool = False
+        self, params: GenParams, *, handoff: Handoff | None = None
     ) -> AbstractAsyncContextManager[Generation]:
         """Start a generation; leaving the context cancels it if it has not ended.
 
-        With `handoff`, the generation waits for `Generation.hand_off` before any text.
+        With `handoff`, the response goes onto that socket (no `Tokens` events).
         """
         ...
 

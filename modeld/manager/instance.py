@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import anyio
 
 from modeld.errors import ModeldError
-from modeld.manager.backend import Generation, GenParams, LoadedModel
+from modeld.manager.backend import Generation, GenParams, Handoff, LoadedModel
 from modeld.manager.planner import InstanceView
 from modeld.manager.states import State, transition
 from modeld.registry import ModelSpec
@@ -88,7 +88,7 @@ class Lease:
     generated: bool = False  # a generation ran: its time feeds the retry estimates
 
     def generate(
-        self, params: GenParams, *, handoff: bool = False
+        self, params: GenParams, *, handoff: Handoff | None = None
     ) -> AbstractAsyncContextManager[Generation]:
         self.generated = True
         return self.model.generate(params, handoff=handoff)

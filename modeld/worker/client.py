@@ -2,8 +2,8 @@
 
 Theory of operation: each worker is `python -m modeld.worker`, speaking JSON lines (see
 `modeld.worker.main`) over its stdin and stdout. Its stdin is one end of a Unix socket
-pair, so an op can carry a client socket's fd to it (`hand_off`: the worker then writes
-that stream itself, see `modeld.worker.output`). One reader task per worker turns what
+pair, so a `generate` op can carry a client socket's fd to it (the worker then writes
+that response itself, see `modeld.worker.output`). One reader task per worker turns what
 the worker writes into events: control messages (hello, loaded, load_failed) go to one
 queue, generation events to the stream of the request they belong to. Token messages
 that arrive together are merged into one batch, so a fast model costs one HTTP write per
@@ -14,7 +14,6 @@ a worker, and its generations, are `modeld.worker.model`.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -43,7 +42,6 @@ from modeld.manager.backend import (
     Failed,
     Finished,
     GenEvent,
-    Handoff,
     LostReason,
     Started,
     Tokens,
@@ -220,29 +218,17 @@ class WorkerProcess:
         await self.kill()
         raise ModelLoadFailed(reason)
 
-    def open_stream(self, rid: int) -> Channel[GenEvent]:
+    def open_stream(self, rid: int, *, handed_off: bool = False) -> Channel[GenEvent]:
+        """The events of generation `rid`; `handed_off`: the worker writes its response
+        onto the client's socket itself, so it ends only when the worker says so."""
         channel: Channel[GenEvent] = Channel(GEN_BUFFER)
         if not self.alive:
             channel.close()
         else:
             self._active[rid] = channel
+            if handed_off:
+                self._handed_off.add(rid)
         return channel
-
-    async def hand_off(self, rid: int, target: Handoff | None) -> None:
-        """Send the `out` op of a generation that asked for a handoff: its text goes onto
-        the target's socket (the worker gets a copy of the fd), or with None, through the
-        pipe."""
-        if rid not in self._active:  # ended already (an unload, the worker gone)
-            target = None
-        message: dict[str, Any] = {"op": "out", "id": rid, "sock": target is not None}
-        if target is None:
-            await self.send_quietly(message)
-            return
-        self._handed_off.add(rid)
-        fields = dataclasses.asdict(target)
-        fd = fields.pop("fd")
-        if not await self.send_quietly({**message, **fields}, fd):
-            self._handed_off.discard(rid)
 
     def close_stream(self, rid: int) -> None:
         self._handed_off.discard(rid)

@@ -290,20 +290,25 @@ class Engine:
             msg = f"prompt is {n_prompt} tokens, the context holds {self.n_ctx}"
             sink.send(error_event(rid, "prompt_too_long", msg))
             return
+        out = out if out is not None else PipeOut(sink.send, rid)
+        out.begin()  # a handed-off response's head: before `start`, which says it went
         sink.send({"ev": "start", "id": rid, "prompt_tokens": n_prompt})
+        if out.lost is not None:  # the client cannot be written to: no need to decode
+            out.finish([], done_event(rid, "cancelled", n_prompt, 0, 0.0, 0.0))
+            return
         self._cancel = cancel
         self.follow_threads()
         smpl = self._sampler(spec)
         try:
             rc = self._process_prompt(n_prompt, cancel)
             if cancel.cancelled:  # between chunks, or inside one (llama_decode returned 2)
-                sink.send(done_event(rid, "cancelled", n_prompt, 0, 0.0, 0.0))
+                out.finish([], done_event(rid, "cancelled", n_prompt, 0, 0.0, 0.0))
                 return
             if rc != 0:
-                sink.send(error_event(rid, "generation_failed", f"llama_decode returned {rc}"))
+                failed = error_event(rid, "generation_failed", f"llama_decode returned {rc}")
+                out.finish([], failed)
                 return
             limit = min(spec.max_tokens, self.n_ctx - n_prompt)
-            out = out if out is not None else PipeOut(sink.send, rid)
             self._decode_loop(spec, smpl, limit, n_prompt, t_req, cancel, out)
         finally:
             llama.llama_sampler_free(smpl)
@@ -384,12 +389,6 @@ class Engine:
             if text:
                 pending.append(text)
             if pending:  # checked at every token: held text never waits on a later one
-                if not out.ready:  # handed off: the daemon has not yet said where text goes
-                    waited = clock()
-                    out.wait_ready()
-                    if not cancel.cancelled:  # waiting for the daemon is no decode time
-                        waited = clock() - waited
-                        t_first, first_at = t_first + waited, first_at + waited
                 now = clock()
                 if now - last_flush >= interval:  # the first text goes out at once
                     last_flush = now

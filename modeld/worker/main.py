@@ -5,9 +5,8 @@ at stderr, so nothing printed by C or Python can corrupt it; only then is this m
 llama.cpp with it) imported. `main` initialises the backend and says `hello` (the daemon
 keeps a spare worker waiting there). A reader thread parses stdin: `cancel` and `shutdown`
 take effect at once by setting the running request's flag, `threads` (the daemon's share
-of the cores while other models generate too) before the next decode, `out` (where a
-handed-off generation's text goes, with the client socket's fd when stdin is a Unix
-socket: see `modeld.worker.output`) before its next write; `load` and `generate` are
+of the cores while other models generate too) before the next decode; `load` and
+`generate` are
 queued for the main thread, which runs them one at a time. A second `generate` while one
 is queued or running is answered `busy`. EOF on stdin acts as `shutdown`; during a load,
 both exit at once.
@@ -43,12 +42,12 @@ from modeld.worker.engine import (
 )
 from modeld.worker.events import error_event
 from modeld.worker.llama_log import init_backend
-from modeld.worker.output import HandoffOut, OutFormat, parse_out
+from modeld.worker.output import HandoffOut, parse_handoff
 
 __all__ = ["Channel", "main", "parse_generate", "parse_load"]
 
 READ_CHUNK = 1 << 16  # bytes per read of stdin; requests are small
-MAX_FDS = 8  # fds one read of stdin can carry (the daemon sends one per `out` op)
+MAX_FDS = 8  # fds one read of stdin can carry (the daemon sends one per `generate`)
 SIZEOF_INT = array.array("i").itemsize  # an fd in SCM_RIGHTS data
 EXIT_LOAD_FAILED = 1  # exit status after `load_failed`
 EXIT_PIPE_GONE = 3  # exit status when the protocol pipe is closed (the daemon is gone)
@@ -198,7 +197,7 @@ class Worker:
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._current: _Current | None = None  # the generate queued or running
-        self._fds: deque[int] = deque()  # received with stdin, for `out` ops still to read
+        self._fds: deque[int] = deque()  # received with stdin, for ops still to read
         self._engine: Engine | None = None
         self._template = ChatTemplate(None)  # the loaded model's, for chats
         self._want_threads: int | None = None  # a `threads` op that came before the engine
@@ -210,7 +209,8 @@ class Worker:
     def read_forever(self, fd: int) -> None:
         """Reader thread: split stdin into lines until EOF (raw reads: no stdin lock at exit).
 
-        A Unix socket on stdin (the daemon's choice) may carry fds for `out` ops.
+        A Unix socket on stdin (the daemon's choice) may carry the client socket of a
+        `generate` op that hands its response off (see `modeld.worker.output`).
         """
         parts: list[bytes] = []  # the unfinished line, in pieces (a prompt may be megabytes)
         read = self._receiver(fd)
@@ -266,8 +266,6 @@ class Worker:
             self._enqueue_load(obj)
         elif op == "threads":
             self._set_threads(obj.get("n"))
-        elif op == "out":
-            self._out(obj)
         elif op == "shutdown":
             self._stop_everything()
         else:
@@ -283,37 +281,15 @@ class Worker:
         if engine is not None:
             engine.want_threads = n
 
-    def _out(self, obj: dict[str, Any]) -> None:
-        """Where a handed-off generation's text goes: the fd that came with the op, or the pipe."""
-        target: tuple[int, OutFormat] | None = None
-        if obj.get("sock") is True:
-            if not self._fds:
-                _log("an out op without its fd: using the pipe")
-            else:
-                fd = self._fds.popleft()
-                try:
-                    target = (fd, parse_out(obj))
-                except ValueError as exc:
-                    _log(f"bad out op ({exc}): using the pipe")
-                    os.close(fd)
-        with self._lock:
-            current = self._current
-        if current is not None and current.rid == obj.get("id") and current.out is not None:
-            current.out.decide(target)  # it owns the fd now
-        elif target is not None:  # the generation has ended: let the fd go
-            os.close(target[0])
-
     def _cancel(self, rid: object) -> None:
         with self._lock:
             if self._current is not None and self._current.rid == rid:
                 self._cancel_current()
 
     def _cancel_current(self) -> None:
-        """(Under the lock.) Stop the current generation, and its wait for an `out` op."""
+        """(Under the lock.) Stop the current generation."""
         assert self._current is not None
         self._current.flag.cancelled = True
-        if self._current.out is not None:
-            self._current.out.abandon()
 
     def _stop_everything(self) -> None:
         """Shutdown or EOF: cancel the running request, then leave; a load is not waited for."""
@@ -331,18 +307,26 @@ class Worker:
         if not isinstance(rid, int) or isinstance(rid, bool):
             _log("ignoring a generate without an integer id")
             return
+        fd = self._fds.popleft() if "handoff" in obj and self._fds else None
         try:
             spec = parse_generate(obj)
+            fmt = parse_handoff(obj["handoff"]) if "handoff" in obj else None
+            if fmt is not None and fd is None:
+                raise ValueError("a handoff without the client's socket")
         except ValueError as exc:
+            if fd is not None:
+                os.close(fd)
             self._chan.send(error_event(rid, "invalid_request", str(exc)))
             return
         flag = CancelFlag()
-        out = HandoffOut(self.send, rid, flag) if obj.get("handoff") is True else None
+        out = None if fd is None or fmt is None else HandoffOut(self.send, fd, fmt, flag)
         with self._lock:
             busy = self._current is not None
             if not busy:
                 self._current = _Current(rid, flag, out)
         if busy:
+            if out is not None:
+                out.close()
             self._chan.send(error_event(rid, "busy", "another generation is running"))
             return
         self._queue.put((spec, flag, out))

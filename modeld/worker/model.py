@@ -8,6 +8,7 @@ is killed. A handed-off generation writes its text onto the client's socket itse
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from collections.abc import AsyncIterator
@@ -34,10 +35,8 @@ CANCEL_GRACE_S = 5.0  # a cancelled generation must end within this, or the work
 class WorkerGeneration:
     """Events of one generation on a worker."""
 
-    def __init__(self, worker: WorkerProcess, rid: int) -> None:
-        self._worker = worker
-        self._rid = rid
-        self._channel = worker.open_stream(rid)
+    def __init__(self, worker: WorkerProcess, rid: int, handed_off: bool) -> None:
+        self._channel = worker.open_stream(rid, handed_off=handed_off)
         self.ending: Finished | Failed | None = None
 
     @property
@@ -53,9 +52,6 @@ class WorkerGeneration:
             self.ending = event
         return event
 
-    async def hand_off(self, target: Handoff | None) -> None:
-        await self._worker.hand_off(self._rid, target)
-
 
 class WorkerModel:
     """A model loaded in a worker: the LoadedModel the manager sees."""
@@ -67,10 +63,10 @@ class WorkerModel:
 
     @asynccontextmanager
     async def generate(
-        self, params: GenParams, *, handoff: bool = False
+        self, params: GenParams, *, handoff: Handoff | None = None
     ) -> AsyncIterator[WorkerGeneration]:
         rid = next(self._ids)
-        gen = WorkerGeneration(self.worker, rid)
+        gen = WorkerGeneration(self.worker, rid, handoff is not None)
         try:
             await self._send_generate(rid, params, handoff)
             yield gen
@@ -79,22 +75,26 @@ class WorkerModel:
                 await self._cancel(rid, gen)
             self.worker.close_stream(rid)
 
-    async def _send_generate(self, rid: int, params: GenParams, handoff: bool) -> None:
-        await self.worker.send_quietly(
-            {
-                "op": "generate",
-                "id": rid,
-                "handoff": handoff,
-                "prompt": params.prompt,
-                "max_tokens": params.max_tokens,
-                "temperature": params.temperature,
-                "top_p": params.top_p,
-                "top_k": params.top_k,
-                "seed": params.seed,
-                "stop": list(params.stop),
-                **({} if params.messages is None else {"messages": list(params.messages)}),
-            }
-        )
+    async def _send_generate(self, rid: int, params: GenParams, handoff: Handoff | None) -> None:
+        message = {
+            "op": "generate",
+            "id": rid,
+            "prompt": params.prompt,
+            "max_tokens": params.max_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "top_k": params.top_k,
+            "seed": params.seed,
+            "stop": list(params.stop),
+            **({} if params.messages is None else {"messages": list(params.messages)}),
+        }
+        if handoff is None:
+            await self.worker.send_quietly(message)
+            return
+        fields = dataclasses.asdict(handoff)
+        fd = fields.pop("fd")
+        fields["preamble"] = handoff.preamble.decode("latin-1")  # JSON has no bytes
+        await self.worker.send_quietly({**message, "handoff": fields}, fd)
 
     async def _cancel(self, rid: int, gen: WorkerGeneration) -> None:
         """Stop a generation nobody reads any more; the worker must confirm it."""

@@ -2,17 +2,16 @@
 
 Theory of operation: by default text leaves as `tokens` events on the protocol pipe and
 the daemon frames and forwards them, which costs the daemon an event-loop wake-up per
-write. A streamed response skips that hop: the `generate` op says `handoff`, and
-once the daemon has written the response head it sends an `out` op carrying a copy of
-the client socket's fd (SCM_RIGHTS) and how to frame each text (the JSON text goes between a
-prefix and a suffix; HTTP chunked or raw). The worker then writes text events straight
-onto the client's socket and tells the daemon only how the generation ended; the daemon
-writes the last event and the end of the body itself.
-
-Until the `out` op arrives, a handed-off generation waits with its first text, so bytes
-reach the client in order: the head first (the daemon's), then the worker's events, then
-the daemon's ending. The daemon may also answer "no socket" (`sock: false`), and the text
-goes to the pipe after all.
+write. A streamed response skips that hop: its `generate` op carries a copy of the client
+socket's fd (SCM_RIGHTS), the response's first bytes (the head the daemon will start,
+and for a chat the role chunk) and how to frame each text (the JSON text between a
+prefix and a suffix; HTTP chunked or raw). Once the prompt is accepted the worker writes
+those first bytes, then says `start`, and from then on writes the text events onto the
+client's socket itself; it tells the daemon only how the generation ended, and the
+daemon writes the last event and the end of the body. Bytes reach the client in order:
+the daemon writes nothing between the `generate` op and the worker's last word, and
+nothing at all when the worker refuses the prompt before `start` (then it answers with
+an error status of its own).
 
 The client socket is non-blocking (its open file is shared with the daemon, so the worker
 never changes that). A write that cannot finish waits in slices, checking the generation's
@@ -26,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import select
-import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol
@@ -36,10 +34,9 @@ from modeld.manager.backend import LostReason
 if TYPE_CHECKING:
     from modeld.worker.engine import CancelFlag
 
-__all__ = ["ClientLost", "HandoffOut", "Out", "OutFormat", "PipeOut", "parse_out"]
+__all__ = ["ClientLost", "HandoffOut", "Out", "OutFormat", "PipeOut", "parse_handoff"]
 
 WAIT_SLICE_S = 0.05  # a blocked write looks at the cancel flag this often
-DECISION_TIMEOUT_S = 30.0  # an `out` op later than this: the daemon is stuck; use the pipe
 encode_string = json.encoder.encode_basestring  # JSON string literal, in C
 
 
@@ -52,10 +49,10 @@ class Send(Protocol):
 class Out(Protocol):
     """Where a generation's text goes (the engine's decode loop writes to it)."""
 
-    ready: bool  # text may be written now (read at every token: a plain attribute)
+    lost: LostReason | None  # the client cannot be written to any more
 
-    def wait_ready(self) -> None:
-        """Block until text may be written (or the generation is cancelled)."""
+    def begin(self) -> None:
+        """The prompt is accepted: what must reach the client before any text."""
 
     def write(self, texts: list[str]) -> None:
         """Write texts now; ClientLost when the client cannot take them."""
@@ -74,13 +71,14 @@ class ClientLost(Exception):
 
 @dataclass(frozen=True, slots=True)
 class OutFormat:
-    """How text becomes bytes on the client's socket (the `out` op's fields)."""
+    """How text becomes bytes on the client's socket (the `handoff` of a `generate` op)."""
 
     prefix: str  # each event: prefix + JSON string of the text + suffix
     suffix: str
     join: bool  # one event per write with the texts joined, else one event per text
     chunked: bool  # HTTP/1.1 chunked framing around each write, else raw bytes
     timeout_s: float  # the daemon's send timeout
+    preamble: bytes = b""  # written once, before any text: the response's head
 
     def frame(self, texts: list[str]) -> bytes:
         if self.join:
@@ -93,28 +91,37 @@ class OutFormat:
         return body
 
 
-def parse_out(obj: dict[str, Any]) -> OutFormat:
-    """Validate an `out` op's format fields (ValueError says what is wrong)."""
-    prefix, suffix = obj.get("prefix"), obj.get("suffix")
+def parse_handoff(obj: object) -> OutFormat:
+    """Validate a `generate` op's `handoff` (ValueError says what is wrong)."""
+    if not isinstance(obj, dict):
+        raise ValueError("handoff must be an object")
+    prefix, suffix, preamble = obj.get("prefix"), obj.get("suffix"), obj.get("preamble", "")
     if not isinstance(prefix, str) or not isinstance(suffix, str):
         raise ValueError("prefix and suffix must be strings")
+    if not isinstance(preamble, str):
+        raise ValueError("preamble must be a string")
     timeout = obj.get("timeout_s")
     if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0:
         raise ValueError("timeout_s must be a positive number")
-    return OutFormat(prefix, suffix, obj.get("join") is True, obj.get("chunked") is True, timeout)
+    join, chunked = obj.get("join") is True, obj.get("chunked") is True
+    try:
+        head = preamble.encode("latin-1")  # bytes, sent as the latin-1 text of each byte
+    except UnicodeEncodeError:
+        raise ValueError("preamble must be latin-1 text") from None
+    return OutFormat(prefix, suffix, join, chunked, float(timeout), head)
 
 
 class PipeOut:
     """Text as `tokens` events on the protocol pipe (the daemon forwards them)."""
 
-    ready = True  # text may be written now
+    lost: LostReason | None = None  # the daemon finds out itself
 
     def __init__(self, send: Send, rid: int) -> None:
         self._send = send
         self._rid = rid
 
-    def wait_ready(self) -> None:
-        """Always ready."""
+    def begin(self) -> None:
+        """Nothing: the daemon writes the head."""
 
     def write(self, texts: list[str]) -> None:
         self._send({"ev": "tokens", "id": self._rid, "texts": texts})
@@ -126,62 +133,31 @@ class PipeOut:
 
 
 class HandoffOut:
-    """Text held until the daemon's `out` op; then on the client's socket, or the pipe."""
+    """Text written onto the client's socket (a copy of its fd, which this owns)."""
 
-    def __init__(self, send: Send, rid: int, cancel: CancelFlag) -> None:
-        self._pipe = PipeOut(send, rid)
+    def __init__(self, send: Send, fd: int, fmt: OutFormat, cancel: CancelFlag) -> None:
         self._send = send
+        self._fd: int | None = fd
+        self._format = fmt
         self._cancel = cancel
-        self._lock = threading.Lock()  # decide (reader thread) against close (decode thread)
-        self._decided = threading.Event()
-        self._fd: int | None = None
-        self._format: OutFormat | None = None
-        self.ready = False  # set once the `out` op has come (read every token: a plain bool)
         self.lost: LostReason | None = None  # why the client can no longer be written to
 
-    # -- the reader thread --
-
-    def decide(self, target: tuple[int, OutFormat] | None) -> None:
-        """The `out` op: write to the fd (which this now owns) framed so, or with None, to
-        the pipe."""
-        with self._lock:
-            if self._decided.is_set():  # too late: the generation is over
-                if target is not None:
-                    os.close(target[0])
-                return
-            if target is not None:
-                self._fd, self._format = target
-            self.ready = True
-            self._decided.set()
-
-    def abandon(self) -> None:
-        """Cancelled: a generation waiting for its `out` op stops waiting."""
-        self._decided.set()
-
-    # -- the decode thread --
-
-    def wait_ready(self) -> None:
-        """Wait for the `out` op (or a cancel). Generating on meanwhile would only take
-        the CPU the daemon needs to send it; a slow model's prompt outlasts the wait."""
-        if not self._decided.wait(DECISION_TIMEOUT_S):
-            with self._lock:  # the daemon is stuck: the pipe is always there
-                self.ready = True
-                self._decided.set()
+    def begin(self) -> None:
+        """Write the response's first bytes; a client lost meanwhile is recorded (and one
+        cancelled before they went cannot be given an ending either)."""
+        try:
+            if not self._write_all(self._format.preamble):
+                self.lost = "torn"
+        except ClientLost:
+            pass  # recorded in self.lost
 
     def write(self, texts: list[str]) -> None:
-        """Write the texts now (only once `ready`); ClientLost if the client cannot take them."""
-        if self._format is None:
-            self._pipe.write(texts)
-        else:
-            self._write_all(self._format.frame(texts))
+        if self.lost is not None:
+            raise ClientLost(self.lost)
+        self._write_all(self._format.frame(texts))
 
     def finish(self, texts: list[str], last: dict[str, Any]) -> None:
         """The last text, then the socket let go, then (on the pipe) the ending event."""
-        self.wait_ready()
-        if self._format is None:
-            self.close()
-            self._pipe.finish(texts, last)
-            return
         try:
             if texts and self.lost is None:
                 self._write_all(self._format.frame(texts))
@@ -194,20 +170,17 @@ class HandoffOut:
         self._send(last)
 
     def close(self) -> None:
-        """Let go of the socket; an `out` op still to come is let go of when it comes."""
-        with self._lock:
-            fd, self._fd = self._fd, None
-            self._decided.set()
+        """Let go of the socket (idempotent)."""
+        fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)
 
-    def _write_all(self, data: bytes) -> None:
-        """All of data onto the socket, waiting while the client's buffer is full.
-
-        Cancelled before any of it went: nothing is written (the framing stays whole).
-        """
+    def _write_all(self, data: bytes) -> bool:
+        """All of data onto the socket, waiting while the client's buffer is full; False
+        when cancelled before any of it went (nothing written: the framing stays whole)."""
         fd = self._fd
-        assert fd is not None and self._format is not None
+        if fd is None:
+            self._lose("gone")
         view = memoryview(data)
         deadline = 0.0
         while view:
@@ -218,11 +191,10 @@ class HandoffOut:
                 pass
             except OSError:
                 self._lose("gone")
-            begun = len(view) < len(data)
             if self._cancel.cancelled:
-                if begun:
+                if len(view) < len(data):
                     self._lose("torn")
-                return
+                return False
             now = time.monotonic()
             deadline = deadline or now + self._format.timeout_s
             if now >= deadline:
@@ -230,6 +202,7 @@ class HandoffOut:
             poller = select.poll()
             poller.register(fd, select.POLLOUT)
             poller.poll(WAIT_SLICE_S * 1000)
+        return True
 
     def _lose(self, reason: LostReason) -> NoReturn:
         self.lost = reason

@@ -279,3 +279,29 @@ def test_a_streamed_body_is_chunked_for_http_1_1_and_raw_for_1_0(
     body = conn.data(b"abc") + conn.end()
     assert body == (b"3\r\nabc\r\n0\r\n\r\n" if chunked else b"abc")
     assert (b"chunked" in head.lower()) is chunked
+
+
+@pytest.mark.parametrize(
+    "request_head",
+    [
+        b"POST /infer HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n{}",
+        b"POST /infer HTTP/1.1\r\nHost: a\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}",
+        b"POST /infer HTTP/1.0\r\nContent-Length: 2\r\n\r\n{}",
+        b"POST /infer HTTP/1.0\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\n{}",
+        b"POST /v1/x?a=1 HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\n{}\r\n0\r\n\r\n",
+        b"POST /infer HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n{}",
+    ],
+    ids=["1.1", "1.1-close", "1.0", "1.0-keep-alive", "chunked-request", "expect"],
+)
+def test_a_previewed_response_is_the_one_started_later(request_head: bytes) -> None:
+    """A worker writes the previewed head and first body bytes; the daemon starts the
+    response afterwards and must be in step with what went out."""
+    conn = ServerConnection(SMALL)
+    assert isinstance(feed(conn, request_head), Request)
+    headers = [("Content-Type", "text/event-stream")]
+    preview, chunked = conn.preview_response(200, headers, b"role chunk")
+    started = conn.start_response(200, headers) + conn.data(b"role chunk")
+    assert preview == started
+    assert chunked is conn.body_is_chunked()
+    assert conn.data(b"more") + conn.end()  # the real connection goes on as usual

@@ -43,16 +43,17 @@ async def test_a_handler_bug_closes_its_connection_and_nothing_else(tmp_path: Pa
 
 
 async def serve_one_request(tmp_path: Path, raw: bytes, handoff: bool) -> list[object]:
-    """Serve `raw` on a Unix socket with a handler that records what `hand_off` gives."""
+    """Serve `raw` on a Unix socket with a handler that records what `prepare_hand_off`
+    gives: (a head, chunked?) or None."""
     seen: list[object] = []
     answered = anyio.Event()
 
     async def handler(request: Request, res: Responder, info: ConnInfo) -> None:
-        seen.append(await res.hand_off())  # before `start`: never
-        await res.start(200, [("Content-Type", "text/plain")])
         seen.append(res.can_hand_off)
-        got = await res.hand_off()
-        seen.append(got if got is None else got[1])  # chunked?
+        got = res.prepare_hand_off(200, [("Content-Type", "text/plain")])
+        seen.append(got if got is None else (got[1].startswith(b"HTTP/1.1 200 "), got[2]))
+        await res.start(200, [("Content-Type", "text/plain")])
+        seen.append(res.prepare_hand_off(200, []))  # once started: never
         await res.end()
         answered.set()
 
@@ -77,10 +78,14 @@ async def serve_one_request(tmp_path: Path, raw: bytes, handoff: bool) -> list[o
 @pytest.mark.parametrize(
     ("raw", "handoff", "want"),
     [
-        (b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n", True, [None, True, True]),
-        (b"POST /x HTTP/1.0\r\nContent-Length: 0\r\n\r\n", True, [None, True, False]),
-        (b"HEAD /x HTTP/1.1\r\nHost: a\r\n\r\n", True, [None, False, None]),
-        (b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n", False, [None, False, None]),
+        (
+            b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n",
+            True,
+            [True, (True, True), None],
+        ),
+        (b"POST /x HTTP/1.0\r\nContent-Length: 0\r\n\r\n", True, [True, (True, False), None]),
+        (b"HEAD /x HTTP/1.1\r\nHost: a\r\n\r\n", True, [False, None, None]),
+        (b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n", False, [False, None, None]),
     ],
     ids=["http-1.1-chunked", "http-1.0-raw", "head-has-no-body", "turned-off"],
 )

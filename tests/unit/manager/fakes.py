@@ -49,9 +49,6 @@ class FakeGeneration:
         self.ending = Finished("length", 3, self.sent)
         return self.ending
 
-    async def hand_off(self, target: Handoff | None) -> None:
-        """The fake always sends its text as events."""
-
 
 class FakeModel:
     def __init__(self, backend: FakeBackend, model_id: str, on_exit: ExitCallback) -> None:
@@ -64,7 +61,7 @@ class FakeModel:
 
     @asynccontextmanager
     async def generate(
-        self, params: GenParams, *, handoff: bool = False
+        self, params: GenParams, *, handoff: Handoff | None = None
     ) -> AsyncIterator[FakeGeneration]:
         gen = FakeGeneration(self.backend, params.max_tokens)
         self.backend.generations.append(self.model_id)

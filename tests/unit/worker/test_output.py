@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from modeld.worker.engine import CancelFlag
-from modeld.worker.output import ClientLost, HandoffOut, OutFormat, PipeOut, parse_out
+from modeld.worker.output import ClientLost, HandoffOut, OutFormat, PipeOut, parse_handoff
 
 NDJSON = OutFormat('{"type":"token","text":', "}\n", join=False, chunked=True, timeout_s=5.0)
 
@@ -42,9 +42,7 @@ def handed(
     pair: tuple[socket.socket, socket.socket], fmt: OutFormat, flag: CancelFlag
 ) -> tuple[HandoffOut, Events]:
     events = Events()
-    out = HandoffOut(events.send, 7, flag)
-    out.decide((pair[1].dup().detach(), fmt))
-    return out, events
+    return HandoffOut(events.send, pair[1].dup().detach(), fmt, flag), events
 
 
 def read_all(sock: socket.socket) -> bytes:
@@ -96,16 +94,20 @@ def test_joined_texts_are_one_event_and_raw_framing_has_no_chunk_sizes() -> None
         {"prefix": "", "suffix": "", "timeout_s": 0},
         {"prefix": "", "suffix": "", "timeout_s": True},
         {"prefix": "", "suffix": ""},
+        {"prefix": "", "suffix": "", "timeout_s": 1, "preamble": 5},
+        {"prefix": "", "suffix": "", "timeout_s": 1, "preamble": "\u0100"},
+        "not an object",
     ],
 )
-def test_a_bad_out_op_is_refused(obj: dict[str, Any]) -> None:
+def test_a_bad_handoff_is_refused(obj: Any) -> None:
     with pytest.raises(ValueError):
-        parse_out(obj)
+        parse_handoff(obj)
 
 
-def test_an_out_op_is_read() -> None:
-    got = parse_out({"prefix": "p", "suffix": "s", "join": True, "chunked": True, "timeout_s": 2})
-    assert got == OutFormat("p", "s", join=True, chunked=True, timeout_s=2.0)
+def test_a_handoff_is_read() -> None:
+    obj = {"prefix": "p", "suffix": "s", "join": True, "chunked": True, "timeout_s": 2}
+    got = parse_handoff({**obj, "preamble": "HTTP/1.1 200 OK\r\n\r\n\xe9"})
+    assert got == OutFormat("p", "s", True, True, 2.0, b"HTTP/1.1 200 OK\r\n\r\n\xe9")
 
 
 # ---- the pipe --------------------------------------------------------------------------------
@@ -122,31 +124,19 @@ def test_the_pipe_gets_token_events_and_the_last_text_with_the_ending() -> None:
     ]
 
 
-def test_a_handoff_answered_with_no_socket_uses_the_pipe() -> None:
-    events = Events()
-    out = HandoffOut(events.send, 3, CancelFlag())
-    assert not out.ready  # text is held until the daemon says where it goes
-    out.decide(None)
-    assert out.ready
-    out.write(["a"])
-    out.finish([], {"ev": "done", "id": 3})
-    assert events.calls == [
-        ({"ev": "tokens", "id": 3, "texts": ["a"]},),
-        ({"ev": "done", "id": 3},),
-    ]
-
-
 # ---- the client's socket ---------------------------------------------------------------------
 
 
 def test_text_goes_onto_the_socket_and_only_the_ending_to_the_pipe(
     pair: tuple[socket.socket, socket.socket],
 ) -> None:
-    out, events = handed(pair, NDJSON, CancelFlag())
+    fmt = OutFormat(NDJSON.prefix, NDJSON.suffix, False, True, 5.0, b"HEAD\r\n\r\n")
+    out, events = handed(pair, fmt, CancelFlag())
+    out.begin()
     out.write(["a"])
     out.finish(["b"], {"ev": "done", "id": 7})
     assert events.calls == [({"ev": "done", "id": 7},)]
-    assert read_all_nonblocking(pair[0]) == NDJSON.frame(["a"]) + NDJSON.frame(["b"])
+    assert read_all_nonblocking(pair[0]) == b"HEAD\r\n\r\n" + fmt.frame(["a"]) + fmt.frame(["b"])
 
 
 def test_the_worker_lets_go_of_the_socket_when_it_finishes(
@@ -156,30 +146,6 @@ def test_the_worker_lets_go_of_the_socket_when_it_finishes(
     out.finish([], {"ev": "done", "id": 7})
     pair[1].close()  # the daemon's copy too: now the client must see the end
     assert read_all(pair[0]) == b""
-
-
-def test_a_generation_quicker_than_the_out_op_waits_for_it(
-    pair: tuple[socket.socket, socket.socket],
-) -> None:
-    events = Events()
-    out = HandoffOut(events.send, 7, CancelFlag())
-    fd = pair[1].dup().detach()
-    threading.Timer(0.1, out.decide, ((fd, NDJSON),)).start()
-    out.finish(["a"], {"ev": "done", "id": 7})
-    assert read_all_nonblocking(pair[0]) == NDJSON.frame(["a"])
-    assert events.calls == [({"ev": "done", "id": 7},)]
-
-
-def test_an_out_op_after_the_end_is_let_go() -> None:
-    events = Events()
-    out = HandoffOut(events.send, 7, CancelFlag())
-    out.abandon()  # cancelled before it came
-    out.finish([], {"ev": "done", "id": 7})
-    a, b = socket.socketpair()
-    with a, b:
-        out.decide((b.dup().detach(), NDJSON))  # closed at once, not kept
-        b.close()
-        assert read_all(a) == b""
 
 
 def test_a_client_that_is_gone_is_lost(pair: tuple[socket.socket, socket.socket]) -> None:
@@ -246,3 +212,21 @@ def test_frames_are_valid_json_events() -> None:
     size, _, rest = frame.partition(b"\r\n")
     body = rest[: int(size, 16)]
     assert [json.loads(line)["text"] for line in body.splitlines()] == ["\x00", "\u2028", "\\"]
+
+
+def test_a_head_that_never_went_out_means_the_response_cannot_be_ended(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """Cancelled while the client's buffer is full, before any byte of the head: the daemon
+    must not write an ending after a head that is missing, so the stream is `torn`."""
+    fill(pair[1])
+    flag = CancelFlag()
+    flag.cancelled = True
+    fmt = OutFormat("", "", False, True, 5.0, b"HTTP/1.1 200 OK\r\n\r\n")
+    out, events = handed(pair, fmt, flag)
+    out.begin()
+    assert out.lost == "torn"
+    with pytest.raises(ClientLost):
+        out.write(["a"])
+    out.finish([], {"ev": "done", "id": 7})
+    assert events.calls == [({"ev": "done", "id": 7, "lost": "torn"},)]
