@@ -81,6 +81,7 @@ class Responder:
         self.client_gone = False
         self._head = b""  # a response head not written yet
         self._preview = b""  # what a worker was given to write first (`prepare_hand_off`)
+        self.close_after = False  # the connection must not serve another request
 
     async def _write(self, data: bytes) -> None:
         if not data:
@@ -139,6 +140,7 @@ class Responder:
         written = self._conn.start_response(status, headers) + self._conn.data(body)
         if written != self._preview:  # a bug: the client got another head than h11 keeps
             log.error("a handed-off response's head differs from the one started")
+            self.close_after = True  # the framing may not be the client's: no keep-alive
 
     def lost(self, reason: str) -> NoReturn:
         """The client cannot be written to: `gone`, `stalled` (it read nothing for the
@@ -287,7 +289,9 @@ async def serve_connection(
             assert isinstance(outcome, Request)
             responder = Responder(stream, conn, limits, handoff=handoff)
             await _run_handler(stream, conn, handler, outcome, responder, info)
-            if responder.client_gone or not responder.finished or not conn.next_cycle():
+            if responder.client_gone or responder.close_after or not responder.finished:
+                return
+            if not conn.next_cycle():
                 return
             if slots.draining:
                 return

@@ -319,7 +319,10 @@ class WorkerProcess:
                 await self._deliver(pending_id, Tokens(tuple(pending)))
                 pending_id, pending = None, []
             if ev in ("start", "done", "error"):
-                await self._deliver(msg["id"], self._event(msg))
+                event = self._event(msg)
+                if ev == "error" and msg.get("code") == "cancelled" and self._closing_error:
+                    event = Failed(self._closing_error)  # stopped by an unload before it began
+                await self._deliver(msg["id"], event)
             else:
                 await self._control_send.send(msg)
         if pending_id is not None:

@@ -290,6 +290,9 @@ class Engine:
             msg = f"prompt is {n_prompt} tokens, the context holds {self.n_ctx}"
             sink.send(error_event(rid, "prompt_too_long", msg))
             return
+        if cancel.cancelled:  # an unload or shutdown came first: no head, no `start`
+            sink.send(error_event(rid, "cancelled", "the generation was stopped before it began"))
+            return
         out = out if out is not None else PipeOut(sink.send, rid)
         out.begin()  # a handed-off response's head: before `start`, which says it went
         sink.send({"ev": "start", "id": rid, "prompt_tokens": n_prompt})

@@ -303,11 +303,13 @@ class Worker:
 
     def _enqueue_generate(self, obj: dict[str, Any]) -> None:
 
+        fd = self._fds.popleft() if "handoff" in obj and self._fds else None  # this op's
         rid = obj.get("id")
         if not isinstance(rid, int) or isinstance(rid, bool):
             _log("ignoring a generate without an integer id")
+            if fd is not None:
+                os.close(fd)
             return
-        fd = self._fds.popleft() if "handoff" in obj and self._fds else None
         try:
             spec = parse_generate(obj)
             fmt = parse_handoff(obj["handoff"]) if "handoff" in obj else None
@@ -404,6 +406,8 @@ class Worker:
             with self._lock:
                 unanswered = self._current is not None and self._current.flag is flag
             if unanswered:
+                if out is not None:
+                    out.close()  # before the end is reported
                 self.send(error_event(spec.id, "generation_failed", f"worker error: {exc!r}"))
         finally:
             with self._lock:
