@@ -290,7 +290,8 @@ class Engine:
             msg = f"prompt is {n_prompt} tokens, the context holds {self.n_ctx}"
             sink.send(error_event(rid, "prompt_too_long", msg))
             return
-        if cancel.cancelled:  # an unload or shutdown came first: no head, no `start`
+        if cancel.cancelled and out is not None:  # handed off, and stopped first: no head,
+            # no `start`, so the daemon may still answer with a status of its own
             sink.send(error_event(rid, "cancelled", "the generation was stopped before it began"))
             return
         out = out if out is not None else PipeOut(sink.send, rid)
