@@ -2,7 +2,7 @@
 
 Theory of operation: a handler parses the body into an `OpenAIRequest` (pure; a 400 in
 OpenAI's error shape names the first bad field), resolves the model in the registry, and
-hands `run_generation` (modeld.api.infer) a sink that writes OpenAI's objects: SSE chunks
+hands `run_generation` (modeld.api.generation) a sink that writes OpenAI's objects: SSE chunks
 ending in `data: [DONE]` when streaming, one JSON object with `usage` when not. Queueing,
 loading, eviction, 429s, disconnect cancellation and the request log all happen there,
 exactly as for `/infer`. A chat goes to the model's worker as messages; the worker renders
@@ -24,15 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from modeld.api.app import App, AppState
-from modeld.api.infer import (
-    SSE,
-    Outcome,
-    ResponderSink,
-    encode_string,
-    resolve_model,
-    run_generation,
-    track_request,
-)
+from modeld.api.generation import Outcome, ResponderSink, run_generation, track_request
+from modeld.api.infer import SSE, encode_string, resolve_model
 from modeld.api.openai_request import OpenAIRequest, parse_chat, parse_completion
 from modeld.chat_template import ChatTemplateError, template_stops
 from modeld.errors import ModeldError, ModelNotFound

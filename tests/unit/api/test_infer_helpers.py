@@ -8,14 +8,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from modeld.api.infer import (
-    AVAILABLE_SHOWN,
-    Outcome,
-    _naming,
-    describe_available,
-    named_model,
-    resolve_model,
-)
+from modeld.api.generation import Outcome, _naming, named_model
+from modeld.api.infer import AVAILABLE_SHOWN, describe_available, resolve_model
 from modeld.errors import GenerationFailed, ModelNotFound, PromptTooLong
 from modeld.http.protocol import Request
 from modeld.manager.backend import Finished
@@ -90,7 +84,7 @@ def test_the_model_a_refused_request_named(body: bytes, model: str | None) -> No
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[float]]:
     now = [100.0]
-    monkeypatch.setattr("modeld.api.infer.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("modeld.api.generation.time.monotonic", lambda: now[0])
     yield now
 
 
