@@ -11,6 +11,7 @@ worker writes the response itself: see `modeld.worker.output`).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -33,6 +34,7 @@ from modeld.manager.backend import (
     LostReason,
     Started,
     Tokens,
+    text_events,
 )
 from modeld.manager.manager import Manager
 from modeld.registry import ModelSpec
@@ -306,13 +308,24 @@ class ResponderSink:
         """One text event on the wire: (prefix, suffix, join), see `Handoff`."""
         raise NotImplementedError
 
+    @functools.cached_property
+    def _frame(self) -> tuple[str, str, bool]:
+        return self.text_frame()  # worked out once: it is needed for every write
+
+    async def tokens(self, texts: tuple[str, ...]) -> None:
+        """Text the daemon forwards (a stream not handed off), or keeps for the answer."""
+        if self.stream:
+            await self.res.send(text_events(*self._frame, texts))
+        else:
+            self.texts.extend(texts)
+
     def hand_off_target(self) -> Handoff | None:
         headers, first = self.stream_head()
         got = self.res.prepare_hand_off(200, headers, first)
         if got is None:
             return None
         fd, preamble, chunked = got
-        prefix, suffix, join = self.text_frame()
+        prefix, suffix, join = self._frame
         self.handed_off = True
         return Handoff(fd, prefix, suffix, join, chunked, self.res.send_timeout_s, preamble)
 

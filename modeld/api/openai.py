@@ -25,13 +25,13 @@ from typing import Any
 
 from modeld.api.app import App, AppState
 from modeld.api.generation import Outcome, ResponderSink, run_generation, track_request
-from modeld.api.infer import SSE, encode_string, resolve_model
+from modeld.api.infer import SSE, resolve_model
 from modeld.api.openai_request import OpenAIRequest, parse_chat, parse_completion
 from modeld.chat_template import ChatTemplateError, template_stops
 from modeld.errors import ModeldError, ModelNotFound
 from modeld.http.protocol import Request
 from modeld.http.server import Responder
-from modeld.manager.backend import Finished, GenParams, LoadedInfo
+from modeld.manager.backend import Finished, GenParams, LoadedInfo, encode_string
 from modeld.registry import ModelSpec
 
 log = logging.getLogger("modeld.api")
@@ -134,12 +134,6 @@ class OpenAISink(ResponderSink):
     def stream_head(self) -> tuple[list[tuple[str, str]], bytes]:
         role = self.envelope.chunk("", role=True) if self.envelope.chat else b""
         return [("Content-Type", SSE), ("Cache-Control", "no-cache")], role
-
-    async def tokens(self, texts: tuple[str, ...]) -> None:
-        if self.stream:
-            await self.res.send(self.envelope.chunk("".join(texts)))
-        else:
-            self.texts.extend(texts)
 
     async def finished(self, event: Finished) -> None:
         if not self.stream:

@@ -325,12 +325,6 @@ class ServerConnection:
         """Answering HEAD: no body bytes go out."""
         return self._head_only
 
-    def body_is_chunked(self) -> bool:
-        """After `start_response`: whether body bytes go out in HTTP/1.1 chunks (else raw,
-        until the connection closes, as for HTTP/1.0). Asks h11 how it would frame one
-        byte; for these two framings it keeps no count, so nothing changes."""
-        return self._h11.send(h11.Data(data=b"x")) != b"x"
-
     def full_response(
         self, status: int, headers: list[tuple[str, str]], body: bytes, *, close: bool = False
     ) -> bytes:

@@ -6,12 +6,15 @@ tests plug in a scripted fake. A generation is read as a stream of small frozen 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from modeld.errors import ModeldError
+
+encode_string = json.encoder.encode_basestring  # a JSON string literal, in C
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,14 @@ class Handoff:
     chunked: bool
     timeout_s: float  # a write the client does not take this long: it is lost
     preamble: bytes = b""
+
+
+def text_events(prefix: str, suffix: str, join: bool, texts: Sequence[str]) -> bytes:
+    """The body bytes of a batch of texts framed as a `Handoff` says (before any HTTP
+    chunking): the daemon forwarding them and a worker writing them make the same bytes."""
+    if join:
+        return (prefix + encode_string("".join(texts)) + suffix).encode()
+    return "".join([prefix + encode_string(t) + suffix for t in texts]).encode()
 
 
 class Generation(Protocol):

@@ -22,14 +22,13 @@ write, so the response can only be cut off).
 
 from __future__ import annotations
 
-import json
 import os
 import select
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
-from modeld.manager.backend import LostReason
+from modeld.manager.backend import LostReason, text_events
 
 if TYPE_CHECKING:
     from modeld.worker.engine import CancelFlag
@@ -37,7 +36,6 @@ if TYPE_CHECKING:
 __all__ = ["ClientLost", "HandoffOut", "Out", "OutFormat", "PipeOut", "parse_handoff"]
 
 WAIT_SLICE_S = 0.05  # a blocked write looks at the cancel flag this often
-encode_string = json.encoder.encode_basestring  # JSON string literal, in C
 
 
 class Send(Protocol):
@@ -81,11 +79,7 @@ class OutFormat:
     preamble: bytes = b""  # written once, before any text: the response's head
 
     def frame(self, texts: list[str]) -> bytes:
-        if self.join:
-            body = (self.prefix + encode_string("".join(texts)) + self.suffix).encode()
-        else:
-            prefix, suffix = self.prefix, self.suffix
-            body = "".join([prefix + encode_string(t) + suffix for t in texts]).encode()
+        body = text_events(self.prefix, self.suffix, self.join, texts)
         if self.chunked:
             return b"%x\r\n%s\r\n" % (len(body), body)
         return body

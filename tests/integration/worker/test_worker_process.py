@@ -259,6 +259,26 @@ def test_invalid_request_and_busy(worker: Worker) -> None:
     assert msg is not None and msg["id"] == 14 and msg["finish_reason"] == "cancelled"
 
 
+@pytest.mark.parametrize(
+    ("handoff", "says"),
+    [
+        ({"prefix": 1, "suffix": "", "timeout_s": 1}, "prefix and suffix"),
+        ({"prefix": "", "suffix": "", "timeout_s": 0}, "timeout_s"),
+        ("not an object", "handoff must be an object"),
+        ({"prefix": "", "suffix": "", "timeout_s": 1}, "client's socket"),  # no fd came
+    ],
+)
+def test_a_bad_handoff_is_an_invalid_request_and_the_worker_serves_on(
+    worker: Worker, handoff: object, says: str
+) -> None:
+    worker.generate(20, max_tokens=2, handoff=handoff)
+    _, events = worker.collect(20)
+    assert events == [events[0]] and events[0]["code"] == "invalid_request", events
+    assert says in events[0]["message"]
+    worker.generate(21, max_tokens=2)
+    assert worker.collect(21)[1][-1]["ev"] == "done"
+
+
 def test_shutdown_during_generation_exits_zero(model_path: Path) -> None:
     worker = Worker()
     try:

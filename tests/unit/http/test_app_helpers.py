@@ -97,8 +97,9 @@ def test_stop_accepts_a_single_string() -> None:
 @pytest.mark.parametrize("sse", [False, True])
 def test_fast_token_framing_matches_the_general_encoder(sse: bool) -> None:
     from modeld.api.infer import Framer
+    from modeld.manager.backend import text_events
 
     framer = Framer(sse)
     texts = ("a", ' "q"\n', "é\u2028", "\\", "\x00", "")
     expected = b"".join(framer.event({"type": "token", "text": t}) for t in texts)
-    assert framer.tokens(texts) == expected
+    assert text_events(*framer.token_frame, False, texts) == expected
