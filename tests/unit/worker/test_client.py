@@ -28,22 +28,21 @@ def worker() -> WorkerProcess:
     return WorkerProcess(cast(anyio.abc.Process, FakeProc()), cast(Any, None))
 
 
-async def test_a_handed_off_generation_stopped_by_an_unload_before_it_began_says_why() -> None:
-    """The worker wrote nothing (no head): the request can get the unload's own error."""
+@pytest.mark.parametrize(
+    ("closing", "error"),
+    [(ModelUnloaded("model x was unloaded"), ModelUnloaded), (None, GenerationFailed)],
+    ids=["unloaded", "no-unload"],
+)
+async def test_a_handed_off_generation_stopped_before_it_began_says_why(
+    closing: ModelUnloaded | None, error: type[Exception]
+) -> None:
+    """The worker wrote nothing (no head): an unload's request gets the unload's error."""
     w = worker()
     stream = w.open_stream(1, handed_off=True)
-    w._closing_error = ModelUnloaded("model x was unloaded")
+    w._closing_error = closing
     await w._dispatch([b'{"ev":"error","id":1,"code":"cancelled","message":"stopped"}'])
     event = await stream.get()
-    assert isinstance(event, Failed) and isinstance(event.error, ModelUnloaded)
-
-
-async def test_a_cancel_with_no_unload_is_a_plain_failure() -> None:
-    w = worker()
-    stream = w.open_stream(1, handed_off=True)
-    await w._dispatch([b'{"ev":"error","id":1,"code":"cancelled","message":"stopped"}'])
-    event = await stream.get()
-    assert isinstance(event, Failed) and isinstance(event.error, GenerationFailed)
+    assert isinstance(event, Failed) and isinstance(event.error, error)
 
 
 async def test_the_end_of_a_handed_off_stream_carries_the_workers_figures() -> None:
